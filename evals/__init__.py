@@ -1,0 +1,1 @@
+"""Benchmarks and evaluations (`qzoom.evals`): performance benchmarks that print ratios measured side by side."""

@@ -1,0 +1,275 @@
+"""The `qzoom` command line (Typer).
+
+    qzoom ask IMAGE QUERY [--model DIR] [--json] [--max-steps N] [--show OUT.png] ...
+    qzoom serve [--host H] [--port P] [--model DIR] [--redis-url URL] [--device D]   the HTTP service (uvicorn)
+    qzoom mcp [--model DIR]              serve the `zoom` tool over MCP (stdio)
+    qzoom init-tiny DIR                  write a tiny random Q-Zoom checkpoint to try the pipeline with
+    qzoom bench engine                   gate-closed vs stock generate, KV-reuse vs recompute (ratios in one run)
+    qzoom bench followup                 a follow-up question vs a cold one, from L1 and from Redis (L2)
+
+`qzoom ask --json` prints exactly one JSON object, the contract of DESIGN.md; everything else goes to stderr.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Query-aware zooming for multimodal LLMs (Q-Zoom).")
+bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks that print ratios measured side by side in one run.")
+app.add_typer(bench_app, name="bench")
+eval_app = typer.Typer(no_args_is_help=True, help="The synthetic high-res benchmark and evaluations.")
+app.add_typer(eval_app, name="eval")
+
+
+def _fail(message: str) -> None:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code=2)
+
+
+def _quiet_transformers() -> None:
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
+@app.command()
+def ask(
+    image: Annotated[Path, typer.Argument(help="the picture (PNG, JPEG, WebP, ...)")],
+    query: Annotated[str, typer.Argument(help="the question about it")],
+    model: Annotated[str | None, typer.Option("--model", "-m", help="checkpoint directory [env QZOOM_MODEL]")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print the result as one JSON object")] = False,
+    max_steps: Annotated[int, typer.Option(min=0, max=8, help="zoom steps at most")] = 1,
+    show: Annotated[Path | None, typer.Option(help="write the image with heatmap and boxes to this PNG")] = None,
+    zoom: Annotated[
+        bool | None, typer.Option("--zoom/--no-zoom", help="force zooming on or off (default: gate)")
+    ] = None,
+    gate_thresh: Annotated[float | None, typer.Option(min=0.0, max=1.0, help="τ_gate")] = None,
+    roi_thresh: Annotated[float | None, typer.Option(min=0.0, max=1.0, help="τ_roi")] = None,
+    min_pixels: Annotated[int | None, typer.Option(help="lower pixel budget per view")] = None,
+    max_pixels: Annotated[int | None, typer.Option(help="upper pixel budget per view")] = None,
+    max_boxes: Annotated[int, typer.Option(min=1, max=8, help="boxes per step")] = 1,
+    margin: Annotated[float, typer.Option(min=0.0, max=1.0, help="border around each box, fraction of side")] = 0.0,
+    max_new_tokens: Annotated[int, typer.Option(min=1, max=1024)] = 32,
+    device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1, ... [env QZOOM_DEVICE]")] = None,
+) -> None:
+    """Answer QUERY about IMAGE, zooming where the question needs detail."""
+    from pydantic import ValidationError
+
+    from qzoom.agent import result, run
+    from qzoom.checkpoint import CheckpointError
+    from qzoom.engine import QZoomEngine
+    from qzoom.images import ImageError, load_image
+    from qzoom.schemas import AskOptions
+    from qzoom.settings import Settings, get_settings
+
+    _quiet_transformers()
+    settings = get_settings()
+    if device:
+        settings = Settings(model=settings.model, device=device, dtype=settings.dtype)
+    model_dir = model or settings.model
+    if not model_dir:
+        _fail("no model given: pass --model DIR or set QZOOM_MODEL (`qzoom init-tiny DIR` writes a tiny one)")
+    try:
+        options = AskOptions(
+            gate_thresh=gate_thresh,
+            roi_thresh=roi_thresh,
+            min_pixels=min_pixels,
+            max_pixels=max_pixels,
+            force_zoom=zoom,
+            max_steps=max_steps,
+            max_boxes=max_boxes,
+            margin=margin,
+            max_new_tokens=max_new_tokens,
+        )
+        picture = load_image(image)
+        engine = QZoomEngine.from_pretrained(model_dir, device=settings.torch_device(), dtype=settings.torch_dtype())  # type: ignore[arg-type]
+    except ValidationError as err:
+        _fail("; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors()))
+    except (ImageError, CheckpointError, OSError) as err:
+        _fail(str(err))
+    state = engine.new_state(picture, query, options)
+    run(engine, [state])
+    res = result(engine, state)
+    if show is not None:
+        from qzoom.visualize import render
+
+        render(state).save(show)
+    if as_json:
+        sys.stdout.write(res.model_dump_json() + "\n")
+        return
+    typer.echo(res.answer)
+    if res.gate_score is not None:
+        gate = f"{res.gate_score:.3f}"
+    else:
+        gate = "not consulted (--zoom/--no-zoom)" if zoom is not None else "none (this checkpoint has no gate)"
+    typer.echo(f"gate score: {gate}; zoomed: {'yes' if res.zoomed else 'no'}; visual tokens: {res.visual_tokens}")
+    for i, step in enumerate(res.steps, 1):
+        typer.echo(f"  step {i}: box {step.box} ({step.visual_tokens} tokens)")
+    typer.echo(f"time: {sum(res.timings_ms.values()):.0f} ms", err=True)
+
+
+@app.command("init-tiny")
+def init_tiny(
+    out: Annotated[Path, typer.Argument(help="directory to write the checkpoint into")],
+    seed: Annotated[int, typer.Option(help="random seed")] = 0,
+    layers: Annotated[int, typer.Option(min=2, help="decoder layers")] = 4,
+    hidden: Annotated[int, typer.Option(min=16, help="hidden size (multiple of 4 heads)")] = 64,
+    twig_k: Annotated[int, typer.Option("--twig-k", min=1, help="branch point K")] = 2,
+) -> None:
+    """Write a tiny randomly initialised Q-Zoom checkpoint (answers are noise; the pipeline is real)."""
+    import torch
+
+    from qzoom.checkpoint import save_checkpoint
+    from qzoom.modeling import QZoomQwen2_5_VLForConditionalGeneration, enable_qzoom
+    from qzoom.offline import build_processor, build_tokenizer, tiny_qwen25vl_config
+
+    _quiet_transformers()
+    if twig_k + 2 > layers:
+        _fail(f"--twig-k {twig_k} leaves no room for 2 branch layers in a {layers}-layer model")
+    torch.manual_seed(seed)
+    tok = build_tokenizer()
+    config = enable_qzoom(
+        tiny_qwen25vl_config(tok, hidden_size=hidden, num_hidden_layers=layers), twig_K=twig_k, twig_T=2
+    )
+    model = QZoomQwen2_5_VLForConditionalGeneration(config)
+    model.init_branches_from_backbone()
+    save_checkpoint(model, build_processor(tok), out)
+    typer.echo(f"wrote a tiny random Q-Zoom checkpoint to {out}")
+
+
+@eval_app.command("export-synthetic")
+def export_synthetic(
+    out: Annotated[Path, typer.Argument(help="directory to write items.jsonl and the PNGs into")],
+    split: Annotated[str, typer.Option(help="train, val or test")] = "test",
+    n: Annotated[int, typer.Option(min=1, help="how many items")] = 20,
+    seed: Annotated[int, typer.Option(help="benchmark seed")] = 0,
+    families: Annotated[str | None, typer.Option(help="comma-separated families (default: all)")] = None,
+) -> None:
+    """Write the first N items of a split of the synthetic high-res benchmark to disk, for inspection."""
+    from qzoom.evals.synthetic import FAMILIES, export
+
+    chosen = [f.strip() for f in families.split(",")] if families else None
+    unknown = [f for f in chosen or [] if f not in FAMILIES]
+    if unknown:
+        _fail(f"unknown families {unknown}; choose from {', '.join(FAMILIES)}")
+    if split not in ("train", "val", "test"):
+        _fail(f"unknown split {split!r}; choose train, val or test")
+    path = export(out, split, n, seed=seed, families=chosen)
+    typer.echo(f"wrote {n} items to {path}")
+
+
+# The random benchmark model's shape (Qwen2.5-VL-7B's K/L by default) and the measurement, shared by the benchmarks.
+BenchLayers = Annotated[int, typer.Option(help="decoder layers L")]
+BenchSplit = Annotated[int, typer.Option("--k", help="branch point K")]
+BenchHidden = Annotated[int, typer.Option(help="hidden size")]
+BenchTokens = Annotated[int, typer.Option(help="visual token budget of each view")]
+BenchRepeats = Annotated[int, typer.Option(min=1, help="timed runs per variant (median is reported)")]
+
+
+@app.command("mcp")
+def mcp(
+    model: Annotated[str | None, typer.Option("--model", "-m", help="checkpoint directory [env QZOOM_MODEL]")] = None,
+) -> None:
+    """Serve the `zoom`, `gate` and `propose` tools over MCP on stdio (for desktop hosts; local image paths allowed)."""
+    from qzoom.settings import get_settings
+    from qzoom.tools.mcp_server import run_stdio
+
+    _quiet_transformers()
+    model_dir = model or get_settings().model
+    if not model_dir:
+        _fail("no model given: pass --model DIR or set QZOOM_MODEL (`qzoom init-tiny DIR` writes a tiny one)")
+    # Checked here, before the protocol starts: a failure inside the server's lifespan reaches the host as a
+    # dropped connection, not as a message.
+    elif not Path(model_dir).is_dir():
+        _fail(f"model directory {model_dir} does not exist")
+    run_stdio(model_dir)
+
+
+@app.command("serve")
+def serve(
+    host: Annotated[str, typer.Option(help="interface to listen on")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=1, max=65535, help="TCP port")] = 8000,
+    model: Annotated[str | None, typer.Option("--model", "-m", help="checkpoint directory [env QZOOM_MODEL]")] = None,
+    redis_url: Annotated[str | None, typer.Option(help="L2 feature cache [env QZOOM_REDIS_URL]")] = None,
+    device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1, ... [env QZOOM_DEVICE]")] = None,
+    log_level: Annotated[str, typer.Option(help="uvicorn log level")] = "info",
+) -> None:
+    """Serve POST /ask, the zoom tool, /healthz and /readyz over HTTP (one process, one model)."""
+    import uvicorn
+
+    from qzoom.service.app import create_app
+    from qzoom.settings import get_settings
+
+    _quiet_transformers()
+    overrides = {k: v for k, v in {"model": model, "redis_url": redis_url, "device": device}.items() if v}
+    settings = get_settings().model_copy(update=overrides)
+    if not settings.model:
+        _fail("no model given: pass --model DIR or set QZOOM_MODEL (`qzoom init-tiny DIR` writes a tiny one)")
+    elif not Path(settings.model).is_dir():
+        _fail(f"model directory {settings.model} does not exist")
+    # workers=1 always: every uvicorn worker would load its own copy of the model onto the same device.
+    uvicorn.run(create_app(settings=settings), host=host, port=port, workers=1, log_level=log_level)
+
+
+@bench_app.command("engine")
+def bench_engine(
+    layers: BenchLayers = 28,
+    split: BenchSplit = 18,
+    hidden: BenchHidden = 256,
+    tokens: BenchTokens = 576,
+    repeats: BenchRepeats = 5,
+    new_tokens: Annotated[int, typer.Option(min=1, help="tokens decoded per answer")] = 8,
+) -> None:
+    """Gate-closed path vs stock generate, and the KV-reuse zoom step vs a full recompute, side by side."""
+    from qzoom.evals.bench_engine import run_engine_benchmark
+
+    _quiet_transformers()
+    run_engine_benchmark(
+        layers=layers,
+        split=split,
+        hidden=hidden,
+        tokens=tokens,
+        repeats=repeats,
+        new_tokens=new_tokens,
+        echo=typer.echo,
+    )
+
+
+@bench_app.command("followup")
+def bench_followup(
+    layers: BenchLayers = 28,
+    split: BenchSplit = 18,
+    hidden: BenchHidden = 256,
+    tokens: BenchTokens = 576,
+    repeats: BenchRepeats = 5,
+    new_tokens: Annotated[int, typer.Option(min=1, help="answer length in tokens (a short answer by default)")] = 4,
+    redis_url: Annotated[str | None, typer.Option(help="Redis for the L2 half [env QZOOM_REDIS_URL]")] = None,
+) -> None:
+    """A follow-up question on a seen image vs a cold one: same process (L1) and a fresh process over Redis (L2)."""
+    from qzoom.evals.bench_followup import run_followup_benchmark
+    from qzoom.settings import get_settings
+
+    _quiet_transformers()
+    run_followup_benchmark(
+        layers=layers,
+        split=split,
+        hidden=hidden,
+        tokens=tokens,
+        repeats=repeats,
+        new_tokens=new_tokens,
+        redis_url=redis_url or get_settings().redis_url,
+        echo=typer.echo,
+    )
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

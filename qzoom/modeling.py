@@ -1,0 +1,212 @@
+"""The Q-Zoom branches attached to the stock Hugging Face Qwen2.5-VL model (spec §1, §10).
+
+Nothing of transformers is forked. `QZoomQwen2_5_VLForConditionalGeneration` *is* the stock
+`Qwen2_5_VLForConditionalGeneration`; its constructor adds, beside `model.language_model.layers`:
+
+- `twig_layers`: T decoder layers that read the hidden states after layer `twig_K` (the SD-RPN). Only the
+  input norm and the Q/K projections of the last one are used (an attention-logit map, §1.2).
+- `high_res_layers` + `high_res_head`: `high_res_T` decoder layers after layer `high_res_K` and a Linear(d, 1)
+  (the gate, §1.3).
+
+Their settings live in `config.json` under the official names (`enable_twig`, `twig_K`, `twig_T`,
+`enable_high_res`, `high_res_K`, `high_res_T`, `high_res_thresh`, `reuse_src_pos`, ...), so a qzoom checkpoint is an
+ordinary HF model directory, and a stock `Qwen2_5_VLForConditionalGeneration` loads it too (ignoring the branches).
+
+The branch computations are here as two small functions, `gate_probability` and `roi_logit_map`; running the
+decoder layers in order, caches and sequence surgery belong to `qzoom.engine`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import (
+    Qwen2_5_VLDecoderLayer,
+    Qwen2_5_VLTextModel,
+    apply_rotary_pos_emb,
+    repeat_kv,
+)
+
+# Defaults of the official code (spec §1.1, §3, §5.1): τ_roi = 0.1 at build time, τ_gate = 0.1.
+DEFAULT_ROI_THRESH = 0.1
+DEFAULT_GATE_THRESH = 0.1
+
+
+@dataclass(frozen=True)
+class QZoomSettings:
+    """The Q-Zoom fields of a checkpoint's config.json, with the official defaults for absent keys."""
+
+    enable_twig: bool = False
+    twig_K: int = 0
+    twig_T: int = 3
+    enable_high_res: bool = False
+    high_res_K: int = 0
+    high_res_T: int = 3
+    high_res_thresh: float = DEFAULT_GATE_THRESH
+    roi_thresh: float = DEFAULT_ROI_THRESH
+    # The official code reads `reuse_src_pos` with default False (QZ:M25:1161); a checkpoint that wants the aligned
+    # positions says so in its config (ours always write it).
+    reuse_src_pos: bool = False
+    min_pixels: int | None = None
+    max_pixels: int | None = None
+
+    @classmethod
+    def from_config(cls, config: Any) -> QZoomSettings:
+        get = lambda key, default: getattr(config, key, default)  # noqa: E731
+
+        def get_float(key: str, default: float) -> float:
+            value = getattr(config, key, None)
+            return default if value is None else float(value)
+
+        enable_twig = bool(get("enable_twig", False))
+        twig_k = int(get("twig_K", 0) or 0)
+        twig_t = int(get("twig_T", 3) or 3)
+        return cls(
+            enable_twig=enable_twig,
+            twig_K=twig_k,
+            twig_T=twig_t,
+            enable_high_res=bool(get("enable_high_res", False)) and enable_twig,
+            high_res_K=int(get("high_res_K", None) or twig_k),
+            high_res_T=int(get("high_res_T", None) or twig_t),
+            high_res_thresh=get_float("high_res_thresh", DEFAULT_GATE_THRESH),
+            roi_thresh=get_float("roi_thresh", DEFAULT_ROI_THRESH),
+            reuse_src_pos=bool(get("reuse_src_pos", False)),
+            min_pixels=get("min_pixels", None),
+            max_pixels=get("max_pixels", None),
+        )
+
+    def validate(self, num_layers: int) -> None:
+        """Raise ValueError when the branch points do not fit a model with `num_layers` decoder layers."""
+        if not self.enable_twig:
+            return
+        if not self.twig_K > 0 or self.twig_K + self.twig_T > num_layers or self.twig_T < 1:
+            raise ValueError(f"twig_K={self.twig_K}, twig_T={self.twig_T} do not fit a {num_layers}-layer decoder")
+        if self.enable_high_res and (
+            not self.high_res_K > 0 or self.high_res_K + self.high_res_T > num_layers or self.high_res_T < 1
+        ):
+            raise ValueError(
+                f"high_res_K={self.high_res_K}, high_res_T={self.high_res_T} do not fit a {num_layers}-layer decoder"
+            )
+
+
+def _branch_layers(text_config: Any, count: int, first_layer_idx: int) -> nn.ModuleList:
+    # The official indices (K + i, the layers they are copied from). The engine never passes a cache to a branch
+    # layer, so these indices cannot alias a backbone layer's cache slot.
+    return nn.ModuleList(Qwen2_5_VLDecoderLayer(text_config, layer_idx=first_layer_idx + i) for i in range(count))
+
+
+def attach_qzoom_branches(language_model: Qwen2_5_VLTextModel, settings: QZoomSettings) -> None:
+    """Add `twig_layers`, `high_res_layers` and `high_res_head` (randomly initialised) to a stock text model."""
+    text_config = language_model.config
+    num_layers = len(language_model.layers)
+    settings.validate(num_layers)
+    if not settings.enable_twig:
+        return
+    language_model.twig_layers = _branch_layers(text_config, settings.twig_T, settings.twig_K)
+    if settings.enable_high_res:
+        language_model.high_res_layers = _branch_layers(text_config, settings.high_res_T, settings.high_res_K)
+        language_model.high_res_head = nn.Linear(text_config.hidden_size, 1, bias=True)
+
+
+class QZoomQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
+    """Stock Qwen2.5-VL with the Q-Zoom branches attached according to its config's Q-Zoom fields.
+
+    Everything a stock model does (forward, `generate`, `save_pretrained`, `from_pretrained`) works unchanged; the
+    Q-Zoom inference path is `qzoom.engine.QZoomEngine`.
+    """
+
+    def __init__(self, config: Qwen2_5_VLConfig) -> None:
+        super().__init__(config)
+        self.qzoom = QZoomSettings.from_config(config)
+        attach_qzoom_branches(self.model.language_model, self.qzoom)
+        for module in self.qzoom_modules():
+            module.apply(self._init_weights)
+
+    def qzoom_modules(self) -> list[nn.Module]:
+        lm = self.model.language_model
+        return [getattr(lm, name) for name in ("twig_layers", "high_res_layers", "high_res_head") if hasattr(lm, name)]
+
+    def init_branches_from_backbone(self) -> None:
+        """Copy `layers[K + i]` into the i-th branch layer (the documented initialisation, spec §1.1 and §9.6)."""
+        lm = self.model.language_model
+        if hasattr(lm, "twig_layers"):
+            for i, layer in enumerate(lm.twig_layers):
+                layer.load_state_dict(lm.layers[self.qzoom.twig_K + i].state_dict())
+        if hasattr(lm, "high_res_layers"):
+            for i, layer in enumerate(lm.high_res_layers):
+                layer.load_state_dict(lm.layers[self.qzoom.high_res_K + i].state_dict())
+
+
+def enable_qzoom(
+    config: Qwen2_5_VLConfig,
+    *,
+    twig_K: int,
+    twig_T: int = 3,
+    enable_high_res: bool = True,
+    high_res_K: int | None = None,
+    high_res_T: int | None = None,
+    high_res_thresh: float = DEFAULT_GATE_THRESH,
+    roi_thresh: float = DEFAULT_ROI_THRESH,
+    reuse_src_pos: bool = True,
+) -> Qwen2_5_VLConfig:
+    """Write the Q-Zoom fields into `config` (in place, and returned) under their official names."""
+    config.enable_twig = True
+    config.twig_K = twig_K
+    config.twig_T = twig_T
+    config.roi_source = "qk"
+    config.roi_loss = "bce"
+    config.enable_high_res = enable_high_res
+    config.high_res_K = twig_K if high_res_K is None else high_res_K
+    config.high_res_T = twig_T if high_res_T is None else high_res_T
+    config.high_res_thresh = high_res_thresh
+    config.roi_thresh = roi_thresh
+    config.reuse_src_pos = reuse_src_pos
+    return config
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The two branch computations. Inputs are the hidden states at the branch point, the attention mask and the rotary
+# embeddings of the same sequence; the engine runs the branch decoder layers and calls these on their outputs.
+
+
+def gate_probability(high_res_head: nn.Linear, gate_hidden: torch.Tensor) -> torch.Tensor:
+    """p = sigmoid(head(h[:, -1])): the last prompt token of the gate branch's output, no final norm (§1.3).
+
+    gate_hidden: (B, S, d) output of `high_res_layers`  ->  (B,) probabilities in float32.
+    """
+    return torch.sigmoid(high_res_head(gate_hidden[:, -1]).float()).squeeze(-1)
+
+
+def roi_logit_map(
+    last_twig_layer: Qwen2_5_VLDecoderLayer,
+    twig_hidden: torch.Tensor,
+    position_embeddings: tuple[torch.Tensor, torch.Tensor],
+    image_token_index: list[torch.Tensor],
+) -> list[torch.Tensor]:
+    """Attention logits from the last token to each image token, mean over heads (§1.2, `roi_source='qk'`).
+
+    twig_hidden: (B, S, d) output of `twig_layers[:-1]` (or the branch input when T == 1).
+    position_embeddings: (cos, sin), each (B, S, head_dim), the M-RoPE of the same sequence.
+    image_token_index: per sample, the (N_b,) sequence indices of the image tokens to score.
+    Returns per sample a (N_b,) float32 vector of raw logits (the caller reshapes to the image's (H, W) grid).
+    """
+    attn = last_twig_layer.self_attn
+    batch, seq_len, _ = twig_hidden.shape
+    normed = last_twig_layer.input_layernorm(twig_hidden)
+    query = attn.q_proj(normed).view(batch, seq_len, -1, attn.head_dim).transpose(1, 2)  # (B, heads, S, hd)
+    key = attn.k_proj(normed).view(batch, seq_len, -1, attn.head_dim).transpose(1, 2)  # (B, kv_heads, S, hd)
+    cos, sin = position_embeddings
+    query, key = apply_rotary_pos_emb(query, key, cos, sin)
+    key = repeat_kv(key, attn.num_key_value_groups)  # (B, heads, S, hd)
+    maps = []
+    for b in range(batch):
+        q_last = query[b, :, -1:, :]  # (heads, 1, hd)
+        k_img = key[b, :, image_token_index[b], :]  # (heads, N_b, hd)
+        scores = torch.matmul(q_last, k_img.transpose(-2, -1)) / math.sqrt(attn.head_dim)  # (heads, 1, N_b)
+        maps.append(scores.mean(dim=0)[0].float())
+    return maps

@@ -1,0 +1,62 @@
+"""The request options and the result of one ask: the JSON contract of DESIGN.md "Interfaces".
+
+`AskResult` is exactly what `qzoom ask --json` prints and what `POST /ask` returns:
+`{answer, zoomed, gate_score, steps[{box, gate_score, visual_tokens}], visual_tokens, timings_ms, model}`, boxes in
+integer pixels of the original image with x1/y1 exclusive. `AskOptions` are the per-request knobs; every default
+reproduces the paper (one box, one step, no margin, the checkpoint's thresholds).
+"""
+
+from __future__ import annotations
+
+from typing import Self
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+# One LLM token covers 28x28 source pixels on Qwen2.5-VL; budgets are counted in those.
+PIXELS_PER_TOKEN = 28 * 28
+
+
+class AskOptions(BaseModel):
+    """Per-request options. `None` means "the checkpoint's value" (its config.json, else the official default)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    gate_thresh: float | None = Field(None, ge=0.0, le=1.0, description="τ_gate: zoom when the gate probability ≥ this")
+    roi_thresh: float | None = Field(None, ge=0.0, le=1.0, description="τ_roi: cells whose blurred probability > this")
+    min_pixels: int | None = Field(
+        None, ge=PIXELS_PER_TOKEN, le=16384 * PIXELS_PER_TOKEN, description="lower pixel budget of each view"
+    )
+    max_pixels: int | None = Field(
+        None, ge=PIXELS_PER_TOKEN, le=16384 * PIXELS_PER_TOKEN, description="upper pixel budget of each view"
+    )
+    force_zoom: bool | None = Field(None, description="true: always zoom; false: never zoom; null: the gate decides")
+    max_steps: int = Field(1, ge=0, le=8, description="zoom steps at most (the paper: 1)")
+    max_boxes: int = Field(1, ge=1, le=8, description="boxes per step from connected components (the paper: 1)")
+    margin: float = Field(0.0, ge=0.0, le=1.0, description="extra border around each box, as a fraction of its side")
+    max_new_tokens: int = Field(32, ge=1, le=1024, description="answer length limit in tokens")
+
+    @model_validator(mode="after")
+    def _budget_order(self) -> Self:
+        if self.min_pixels is not None and self.max_pixels is not None and self.min_pixels > self.max_pixels:
+            raise ValueError(f"min_pixels ({self.min_pixels}) must not exceed max_pixels ({self.max_pixels})")
+        return self
+
+
+class StepResult(BaseModel):
+    """One region the model looked at: its box in original pixels, the gate score that led to it, its tokens."""
+
+    box: list[int] = Field(description="[x0, y0, x1, y1] in original-image pixels, x1/y1 exclusive")
+    gate_score: float | None = Field(description="gate probability that opened this step (null without a gate)")
+    visual_tokens: int = Field(description="LLM tokens of this region's view")
+
+
+class AskResult(BaseModel):
+    """The answer to one question about one image."""
+
+    answer: str
+    zoomed: bool = Field(description="whether any region was added to the coarse view")
+    gate_score: float | None = Field(description="the first gate probability (null without a gate)")
+    steps: list[StepResult]
+    visual_tokens: int = Field(description="all image tokens in the final sequence")
+    timings_ms: dict[str, float]
+    model: str

@@ -1,0 +1,1 @@
+"""Q-Zoom training stages (spec §2, §5, §6)."""

@@ -1,0 +1,11 @@
+"""The HTTP service (`qzoom.service`): FastAPI app around one model worker.
+
+    app = create_app()                  # qzoom.service.app; `qzoom serve` runs it under uvicorn (workers=1)
+
+Modules (flat, since the distribution maps only `service/` itself into `qzoom.service`):
+- `app`: `create_app(engine_factory, settings)`, lifespan (load, warm up, ready), routers and middleware
+- `ask`: `POST /ask` (JSON, multipart, SSE); `images`: `POST /v1/images`, `POST /v1/tools/zoom`;
+  `health`: `/healthz`, `/readyz`; `metrics`: `GET /metrics` (Prometheus)
+- `deps`: service state, the ready worker, API keys; `errors`: the error model and handlers;
+  `middleware`: the request body limit; `imaging`: upload decoding under a pixel limit
+"""

@@ -1,0 +1,124 @@
+"""The FastAPI application: `create_app(engine_factory=None, settings=None) -> FastAPI`.
+
+Lifespan: the server starts answering at once (`/healthz` 200, `/readyz` 503) while a background task builds the
+FeatureCache (`QZOOM_REDIS_URL`), the engine (from `settings.model`, or `engine_factory(settings, cache)` in tests),
+starts one `Worker` on its device thread and runs one tiny warm-up request; only then does `/readyz` turn 200 and
+`/ask` accept work. A load failure is logged and reported by `/readyz` (503 with the error). Shutdown stops the
+worker and closes the cache.
+
+Process-wide effects (one app per process is the deployment): Pillow's `Image.MAX_IMAGE_PIXELS` is set to
+`QZOOM_MAX_PIXELS_IN` and `DecompressionBombWarning` becomes an error, both restored at shutdown.
+
+Run one process per device: `qzoom serve` (uvicorn, `workers=1`). Never `--workers N` with N > 1.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import warnings
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+
+from fastapi import Depends, FastAPI
+from PIL import Image
+from starlette.concurrency import run_in_threadpool
+
+from qzoom.agent.tool import ImageStore, ZoomToolRunner
+from qzoom.agent.zoom import ask_one
+from qzoom.cache import FeatureCache, MiB
+from qzoom.engine import QZoomEngine
+from qzoom.schemas import AskOptions
+from qzoom.settings import Settings, get_settings
+from qzoom.worker import Worker
+
+from . import ask, health, images, metrics
+from .deps import ServiceState, require_api_key
+from .errors import install_error_handlers
+from .mcp import mount_mcp
+from .middleware import BodyLimitMiddleware
+
+log = logging.getLogger(__name__)
+
+EngineFactory = Callable[[Settings, FeatureCache], QZoomEngine]
+
+
+def default_engine_factory(settings: Settings, cache: FeatureCache) -> QZoomEngine:
+    """The checkpoint in `settings.model` on `settings.device` / `settings.dtype`."""
+    if not settings.model:
+        raise ValueError("no model given: set QZOOM_MODEL or pass --model DIR")
+    return QZoomEngine.from_pretrained(
+        settings.model, device=settings.torch_device(), dtype=settings.torch_dtype(), cache=cache
+    )
+
+
+async def _load(state: ServiceState, factory: EngineFactory) -> None:
+    """Build cache, engine and worker, warm up, then mark ready (runs as a task beside the server)."""
+    s = state.settings
+    try:
+        state.cache = FeatureCache.from_url(s.redis_url, s.cache_l1_mb * MiB, s.cache_ttl_s, s.cache_max_value_mb * MiB)
+        # Loading weights takes seconds to minutes: off the event loop, so health checks keep answering.
+        engine = await run_in_threadpool(factory, s, state.cache)
+        worker = Worker(
+            engine, max_pending=s.max_pending, max_batch=s.max_batch,
+            batch_window_ms=s.batch_window_ms, retry_after_s=s.retry_after_s,
+        )  # fmt: skip
+        await worker.start()
+        state.worker = worker
+        # One tiny request through the whole graph compiles kernels and fills allocator pools before traffic.
+        await ask_one(worker, Image.new("RGB", (56, 56), (127, 127, 127)), "warm-up", AskOptions(max_new_tokens=1))
+        state.runner = ZoomToolRunner(worker, state.images)
+        state.ready = True
+        log.info("model %s loaded and warmed; ready", engine.name)
+    except asyncio.CancelledError:
+        raise
+    except Exception as err:
+        state.load_error = f"{type(err).__name__}: {err}"
+        log.exception("loading the model failed")
+
+
+def create_app(engine_factory: EngineFactory | None = None, settings: Settings | None = None) -> FastAPI:
+    """The service app. Without `engine_factory`, `settings.model` (QZOOM_MODEL) must name a checkpoint."""
+    settings = settings or get_settings()
+    factory = engine_factory or default_engine_factory
+    if engine_factory is None and not settings.model:
+        raise ValueError("no model given: set QZOOM_MODEL or pass --model DIR")
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        state = ServiceState(settings=settings, images=ImageStore())
+        app.state.qzoom = state
+        app.state.qzoom_registry = metrics.registry_for(state)
+        old_limit = Image.MAX_IMAGE_PIXELS
+        Image.MAX_IMAGE_PIXELS = settings.max_pixels_in
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            state.loader = asyncio.create_task(_load(state, factory), name="qzoom-load")
+            try:
+                # A mounted app's own lifespan never runs: the MCP session manager is entered here.
+                async with mcp_server.session_manager.run():
+                    yield
+            finally:
+                state.ready = False
+                state.loader.cancel()
+                await asyncio.gather(state.loader, return_exceptions=True)
+                if state.worker is not None:
+                    await state.worker.stop()
+                if state.cache is not None:
+                    state.cache.close()
+                Image.MAX_IMAGE_PIXELS = old_limit
+
+    app = FastAPI(
+        title="qzoom",
+        summary="Query-aware zooming (Q-Zoom) for Qwen2.5-VL: ask questions about high-resolution images.",
+        version="0.1.0",
+        lifespan=lifespan,
+    )
+    install_error_handlers(app)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=int(settings.max_body_mb * MiB))
+    app.include_router(health.router)
+    app.include_router(metrics.router)
+    app.include_router(ask.router, dependencies=[Depends(require_api_key)])
+    app.include_router(images.router, dependencies=[Depends(require_api_key)])
+    mcp_server = mount_mcp(app, settings)
+    return app

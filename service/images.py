@@ -1,0 +1,74 @@
+"""Upload once, use many times: `POST /v1/images` and the `zoom` tool over HTTP, `POST /v1/tools/zoom`.
+
+- `POST /v1/images`: multipart `image` file -> `{"image_id", "width", "height"}`. The id is the content digest of
+  the decoded pixels (the same image uploaded twice gets the same id); `/ask` and the zoom tool accept it.
+  Images are kept in the app's `ImageStore` (LRU-bounded, this process only).
+- `POST /v1/tools/zoom`: body = `ZoomArgs` JSON (`image_id` or `image_data`, a `box` in any frame or a `query`)
+  -> `ZoomResult` JSON (the crop as base64 PNG and its box in original pixels). `image_path` is refused here.
+Errors are the error model: 422 bad arguments (each field named), 404 unknown image id, 413/415 as for /ask.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from fastapi import APIRouter, Request
+from pydantic import ValidationError
+from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import UploadFile
+
+from qzoom.tools.schema import ZoomArgs, ZoomResult
+
+from .deps import ReadyWorker, Service
+from .errors import ApiError, ErrorBody, describe_errors
+from .imaging import decode_upload
+
+router = APIRouter(prefix="/v1", tags=["tools"])
+
+_ERRORS: dict[int | str, dict[str, Any]] = {s: {"model": ErrorBody} for s in (400, 401, 404, 413, 415, 422, 503)}
+
+
+@router.post(
+    "/images",
+    responses=_ERRORS,
+    openapi_extra={"requestBody": {"content": {"multipart/form-data": {"schema": {
+        "type": "object", "properties": {"image": {"type": "string", "format": "binary"}}, "required": ["image"]}}}}},
+)  # fmt: skip
+async def upload_image(request: Request, service: Service) -> dict[str, Any]:
+    """Store an image and return its id for later `/ask` and zoom calls."""
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if ctype != "multipart/form-data":
+        raise ApiError(415, "unsupported_media_type", "send multipart/form-data with the image in the `image` field")
+    form = await request.form(max_files=1, max_fields=1)
+    upload = form.get("image")
+    if not isinstance(upload, UploadFile):
+        raise ApiError(422, "invalid_request", "image: required, as a file part of the form")
+    data = await upload.read()
+    image = await run_in_threadpool(decode_upload, data, service.settings.max_pixels_in)
+    return {"image_id": service.images.put(image), "width": image.width, "height": image.height}
+
+
+@router.post("/tools/zoom", response_model=ZoomResult, responses=_ERRORS)
+async def zoom_tool(request: Request, service: Service, worker: ReadyWorker) -> ZoomResult:
+    """Run the `zoom` tool: crop a box (in any frame) or let the SD-RPN choose one for the query."""
+    assert service.runner is not None  # set together with the worker, which ReadyWorker guarantees
+    try:
+        raw = json.loads(await request.body())
+    except (ValueError, UnicodeDecodeError) as err:
+        raise ApiError(400, "invalid_json", f"the body is not valid JSON: {err}") from err
+    if not isinstance(raw, dict):
+        raise ApiError(422, "invalid_request", "the body must be a JSON object of zoom arguments")
+    try:
+        args = service.runner.parse(raw)
+    except ValidationError as err:
+        raise ApiError(422, "invalid_request", describe_errors(err, list(ZoomArgs.model_fields))) from err
+    data = args.image_bytes()
+    if data is not None:
+        # Decoded here, under the service's pixel limit, instead of by the runner (which has no limit).
+        image = await run_in_threadpool(decode_upload, data, service.settings.max_pixels_in)
+        args = args.model_copy(update={"image_data": None, "image_id": service.images.put(image)})
+    try:
+        return await service.runner.zoom(args)
+    except ValueError as err:  # e.g. no box and a checkpoint without a region proposer
+        raise ApiError(422, "invalid_request", str(err)) from err
