@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, NoReturn
 
 import typer
 
@@ -25,7 +25,7 @@ eval_app = typer.Typer(no_args_is_help=True, help="The synthetic high-res benchm
 app.add_typer(eval_app, name="eval")
 
 
-def _fail(message: str) -> None:
+def _fail(message: str) -> NoReturn:
     typer.echo(f"error: {message}", err=True)
     raise typer.Exit(code=2)
 
@@ -87,7 +87,7 @@ def ask(
             max_new_tokens=max_new_tokens,
         )
         picture = load_image(image)
-        engine = QZoomEngine.from_pretrained(model_dir, device=settings.torch_device(), dtype=settings.torch_dtype())  # type: ignore[arg-type]
+        engine = QZoomEngine.from_pretrained(model_dir, device=settings.torch_device(), dtype=settings.torch_dtype())
     except ValidationError as err:
         _fail("; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors()))
     except (ImageError, CheckpointError, OSError) as err:
@@ -265,6 +265,33 @@ def bench_followup(
         redis_url=redis_url or get_settings().redis_url,
         echo=typer.echo,
     )
+
+
+@bench_app.command("http")
+def bench_http(
+    layers: BenchLayers = 28,
+    split: BenchSplit = 18,
+    hidden: BenchHidden = 256,
+    tokens: BenchTokens = 576,
+    new_tokens: Annotated[int, typer.Option(min=1, help="answer length in tokens")] = 8,
+    concurrency: Annotated[str, typer.Option(help="comma-separated client counts")] = "1,4,16",
+    requests: Annotated[int, typer.Option(min=1, help="requests per concurrency, side and round")] = 16,
+    rounds: Annotated[int, typer.Option(min=1, help="alternating rounds of both sides")] = 2,
+) -> None:
+    """HTTP /ask under load (p50/p99, throughput) vs the in-process graph call on the same inputs, side by side."""
+    from qzoom.evals.bench_http import run_http_benchmark
+
+    try:
+        levels = [int(c) for c in concurrency.split(",")]
+    except ValueError:
+        _fail(f"--concurrency takes comma-separated positive integers such as 1,4,16; got {concurrency!r}")
+    if any(c < 1 for c in levels):
+        _fail(f"--concurrency takes comma-separated positive integers such as 1,4,16; got {concurrency!r}")
+    _quiet_transformers()
+    run_http_benchmark(
+        layers=layers, split=split, hidden=hidden, tokens=tokens, new_tokens=new_tokens,
+        concurrency=levels, requests=requests, rounds=rounds, echo=typer.echo,
+    )  # fmt: skip
 
 
 def main() -> None:
