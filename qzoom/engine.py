@@ -461,9 +461,10 @@ class QZoomEngine:
         pos, _ = self.model.model.get_rope_index(ids, mm_types, image_grid_thw=torch.stack(list(grids)).to(self.device))
         return torch.as_tensor(pos[:, 0]).float()
 
-    def prefill(self, states: Sequence[SequenceState]) -> None:
-        """Embed, position, and run layers < K with a cache; keep the hidden states entering layer K."""
-        with self._timed(states, "prefill"), torch.inference_mode():
+    def embed(self, states: Sequence[SequenceState]) -> None:
+        """Token embeddings with the image features scattered in, stock M-RoPE positions and the global image block
+        of each encoded prompt; runs no decoder layer (training builds its teacher-forced sequences from this)."""
+        with torch.inference_mode():
             embed = self.lm.embed_tokens
             for st in states:
                 if st.image_features.numel() == 0:
@@ -487,6 +488,11 @@ class QZoomEngine:
                         col_pos=first[2] + torch.arange(grid[1], device=self.device, dtype=torch.float32),
                     )
                 ]
+
+    def prefill(self, states: Sequence[SequenceState]) -> None:
+        """Embed, position, and run layers < K with a cache; keep the hidden states entering layer K."""
+        with self._timed(states, "prefill"), torch.inference_mode():
+            self.embed(states)
             # The prefix (system prompt, user header, image tokens) does not depend on the question: a request on
             # an image seen before reuses its layer<K KV and layer-K states and runs only the question's tokens.
             outputs, kvs = self._run_over_prefix(
@@ -684,6 +690,26 @@ class QZoomEngine:
         if not work:
             return
         with self._timed([st for st, _ in work], "zoom"), torch.inference_mode():
+            kept = self.add_regions([st for st, _ in work], [p for _, p in work])
+            # Layers < K for the new tail only: the request's own layer<K state before the splice stays valid
+            # (causality), and a region zoomed before with the same box may even be cached through its end.
+            own: list[tuple[int, list[KV], Tensor] | None] = [
+                (p, [(k[:, :p], v[:, :p]) for k, v in st.kv_below_k], st.hidden_k[:p])
+                for (st, _), p in zip(work, kept, strict=True)
+            ]
+            states = [st for st, _ in work]
+            outputs, kvs = self._run_over_prefix(
+                "below", self.layers[: self.split], states, [st.embeds for st in states], full_outputs=True,
+                own_prefix=own,
+            )  # fmt: skip
+            for st, h, kv in zip(states, outputs, kvs, strict=True):
+                st.hidden_k, st.kv_below_k = h, kv
+
+    def add_regions(self, states: Sequence[SequenceState], proposals: Sequence[Proposal]) -> list[int]:
+        """Crop each proposal's boxes from the original image, encode them (feature cache first) and `splice` them
+        in; runs no decoder layer. Returns per sample P, the length of the prefix whose layer<K state stays valid."""
+        work = list(zip(states, proposals, strict=True))
+        with torch.inference_mode():
             # Crop features: from the cache when this region of this image was zoomed before, else one ViT call.
             crop_feats: list[Tensor | None] = []
             crop_grids: list[Tensor] = []
@@ -708,20 +734,21 @@ class QZoomEngine:
                 self.cache.put(key, {"features": f, "grid_thw": crop_grids[index]}, self._cache_meta())
             feats = iter(crop_feats)
             grids = iter(crop_grids)
-            # Layers < K for the new tail only: the request's own layer<K state before the splice stays valid
-            # (causality), and a region zoomed before with the same box may even be cached through its end.
-            own: list[tuple[int, list[KV], Tensor] | None] = []
+            kept = []
             for st, p in work:
+                if not p.boxes:
+                    kept.append(int(st.input_ids.numel()))  # nothing spliced: the whole sequence stays valid
+                    continue
                 roi_views = [(_present(next(feats)), next(grids)) for _ in p.boxes]
-                kept = self.splice(st, p, roi_views)
-                own.append((kept, [(k[:, :kept], v[:, :kept]) for k, v in st.kv_below_k], st.hidden_k[:kept]))
-            states = [st for st, _ in work]
-            outputs, kvs = self._run_over_prefix(
-                "below", self.layers[: self.split], states, [st.embeds for st in states], full_outputs=True,
-                own_prefix=own,
-            )  # fmt: skip
-            for st, h, kv in zip(states, outputs, kvs, strict=True):
-                st.hidden_k, st.kv_below_k = h, kv
+                kept.append(self.splice(st, p, roi_views))
+        return kept
+
+    def proposal_from_grid_boxes(self, st: SequenceState, grid_boxes: Sequence[roi.GridBox]) -> Proposal:
+        """A proposal of boxes given on the grid of the sample's newest image (the first one when there are several),
+        e.g. to replay a box proposed earlier. It carries no SD-RPN map: `logits` and `prob` are empty."""
+        block = st.newest_blocks[0]
+        boxes = [self._pixel_box(st, block, gb) for gb in grid_boxes]
+        return Proposal(block, torch.empty(0), torch.empty(0), list(grid_boxes), boxes)
 
     def splice(self, st: SequenceState, proposal: Proposal, roi_views: list[tuple[Tensor, Tensor]]) -> int:
         """Insert one RoI block per box after the newest image's <|vision_end|>; update ids, embeddings, positions
