@@ -131,6 +131,43 @@ class QZoomQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGeneration
         lm = self.model.language_model
         return [getattr(lm, name) for name in ("twig_layers", "high_res_layers", "high_res_head") if hasattr(lm, name)]
 
+    def attach_sd_rpn(self, twig_K: int, twig_T: int = 3) -> None:
+        """Give a model without an SD-RPN its `twig_layers`, copied from `layers[twig_K:twig_K + twig_T]` (Stage 1's
+        initialisation, spec §1.1), and write the fields into the config (the aligned positions on, as ours do)."""
+        if self.qzoom.enable_twig:
+            raise ValueError("this model already has an SD-RPN (enable_twig is true)")
+        lm = self.model.language_model
+        config = self.config
+        config.enable_twig, config.twig_K, config.twig_T = True, twig_K, twig_T
+        config.roi_source, config.roi_loss, config.reuse_src_pos = "qk", "bce", True
+        config.enable_high_res = False
+        settings = QZoomSettings.from_config(config)
+        settings.validate(len(lm.layers))
+        lm.twig_layers = _branch_layers(lm.config, twig_T, twig_K).to(lm.layers[0].mlp.down_proj.weight)
+        for i, layer in enumerate(lm.twig_layers):
+            layer.load_state_dict(lm.layers[twig_K + i].state_dict())
+        self.qzoom = settings
+
+    def attach_gate(self, high_res_K: int, high_res_T: int = 3) -> None:
+        """Give a model with an SD-RPN but no gate its `high_res_layers` (copied from `layers[K:K + T]`, the documented
+        intent of spec §9.6) and a freshly initialised `high_res_head`; write the fields into the config."""
+        if not self.qzoom.enable_twig:
+            raise ValueError("the gate needs an SD-RPN first (enable_twig is false): train Stage 1 before Stage 3")
+        if self.qzoom.enable_high_res:
+            raise ValueError("this model already has a gate (enable_high_res is true)")
+        lm = self.model.language_model
+        config = self.config
+        config.enable_high_res, config.high_res_K, config.high_res_T = True, high_res_K, high_res_T
+        settings = QZoomSettings.from_config(config)
+        settings.validate(len(lm.layers))
+        like = lm.layers[0].mlp.down_proj.weight
+        lm.high_res_layers = _branch_layers(lm.config, high_res_T, high_res_K).to(like)
+        lm.high_res_head = nn.Linear(lm.config.hidden_size, 1, bias=True).to(like)
+        lm.high_res_head.apply(self._init_weights)
+        for i, layer in enumerate(lm.high_res_layers):
+            layer.load_state_dict(lm.layers[high_res_K + i].state_dict())
+        self.qzoom = settings
+
     def init_branches_from_backbone(self) -> None:
         """Copy `layers[K + i]` into the i-th branch layer (the documented initialisation, spec §1.1 and §9.6)."""
         lm = self.model.language_model
