@@ -7,6 +7,8 @@
 - observe: preprocess the coarse view, vision tower, layers < K (cache hits skip the work).
 - gate:    the gate's probability that the question needs detail; routes to propose when it is >= τ_gate.
 - propose: the SD-RPN heatmap over the newest image and its box(es); routes to answer when no cell passes τ_roi.
+           Its event carries the map (`heatmap`, rows of probabilities in [0, 1]), its `heatmap_grid` (rows, cols)
+           and `heatmap_box`, the region of the original image in pixels that the map covers.
 - zoom:    crop the original image, re-encode, splice, re-run layers < K on the new tail; loops while
            `max_steps` allows (gating the fused sequence again, or proposing again when zoom is forced).
 - answer:  layers >= K and greedy decoding.
@@ -112,6 +114,9 @@ async def propose(state: ZoomGraphState, runtime: Runtime[ZoomContext]) -> dict[
             "boxes": boxes,
             "heatmap": proposal.prob.float().cpu().tolist(),
             "heatmap_peak": float(proposal.prob.max()),
+            # Where the map lies: the scored image's region of the original, in pixels, and its (rows, cols).
+            "heatmap_box": proposal.block.box.as_list(),
+            "heatmap_grid": list(proposal.block.grid_hw),
             "on_step": proposal.block.step,
             "ms": round((time.perf_counter() - start) * 1000, 3),
         }

@@ -32,7 +32,7 @@ from qzoom.schemas import AskOptions
 from qzoom.settings import Settings, get_settings
 from qzoom.worker import Worker
 
-from . import ask, health, images, metrics
+from . import ask, health, images, metrics, page
 from .deps import ServiceState, require_api_key
 from .errors import install_error_handlers
 from .mcp import mount_mcp
@@ -117,6 +117,7 @@ def create_app(engine_factory: EngineFactory | None = None, settings: Settings |
     install_error_handlers(app)
     app.add_middleware(BodyLimitMiddleware, max_bytes=int(settings.max_body_mb * MiB))
     app.include_router(health.router)
+    app.include_router(page.router)  # the demo page loads without a key; its calls to /ask carry one
     app.include_router(metrics.router)
     app.include_router(ask.router, dependencies=[Depends(require_api_key)])
     app.include_router(images.router, dependencies=[Depends(require_api_key)])
