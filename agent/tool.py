@@ -111,11 +111,22 @@ class ZoomToolRunner:
             )
         return await self._proposed(image, args)
 
-    async def propose(
+    async def gate(self, image: Image.Image, query: str) -> tuple[float, float]:
+        """The gate's probability that `query` needs a closer look at `image`, and the checkpoint's τ_gate."""
+        engine = self.worker.engine
+        if not engine.has_gate:
+            raise ValueError("this checkpoint has no gate (enable_high_res is false); use propose or zoom")
+        with self.worker.admit():
+            st = engine.new_state(image, query)
+            await self.worker.call("observe", st)
+            score: float = await self.worker.call("gate", st)
+        return float(score), st.gate_thresh
+
+    async def proposal(
         self, image: Image.Image, query: str, *, max_boxes: int = 1, margin: float = 0.0
-    ) -> tuple[list[PixelBox], float | None, HeatmapSummary]:
-        """The SD-RPN's boxes for `query` (the whole image when no cell passes τ_roi), the gate's score when the
-        checkpoint has a gate, and a summary of the probability map."""
+    ) -> tuple[Proposal, float | None, float]:
+        """The SD-RPN's full proposal for `query` on the coarse view (map included), the gate's score when the
+        checkpoint has a gate, and τ_roi."""
         engine = self.worker.engine
         if not engine.has_rpn:
             raise ValueError("this checkpoint has no region proposer (SD-RPN): send a box")
@@ -125,15 +136,23 @@ class ZoomToolRunner:
             if engine.has_gate:
                 await self.worker.call("gate", st)
             proposal: Proposal = await self.worker.call("propose", st)
+        return proposal, (st.gate_scores[0] if st.gate_scores else None), st.roi_thresh
+
+    async def propose(
+        self, image: Image.Image, query: str, *, max_boxes: int = 1, margin: float = 0.0
+    ) -> tuple[list[PixelBox], float | None, HeatmapSummary]:
+        """The SD-RPN's boxes for `query` (the whole image when no cell passes τ_roi), the gate's score when the
+        checkpoint has a gate, and a summary of the probability map."""
+        proposal, gate_score, roi_thresh = await self.proposal(image, query, max_boxes=max_boxes, margin=margin)
         prob = proposal.prob.float()
         summary = HeatmapSummary(
             grid_hw=list(prob.shape),
-            threshold=st.roi_thresh,
+            threshold=roi_thresh,
             max_prob=float(prob.max()),
             mean_prob=float(prob.mean()),
-            cells_above=int((prob > st.roi_thresh).sum()),
+            cells_above=int((prob > roi_thresh).sum()),
         )
-        return proposal.boxes or [proposal.block.box], (st.gate_scores[0] if st.gate_scores else None), summary
+        return proposal.boxes or [proposal.block.box], gate_score, summary
 
     async def _proposed(self, image: Image.Image, args: ZoomArgs) -> ZoomResult:
         """No box: the SD-RPN proposes one for the query (gate score included when there is a gate)."""

@@ -1,7 +1,10 @@
 """Turning user images into RGB PIL images the processor accepts, whatever their size, mode or aspect.
 
 - `load_image` opens a path, bytes or PIL image, applies the EXIF orientation and converts to 8-bit RGB (alpha is
-  composited on white, 16-bit and CMYK are converted), refusing anything that is not an image with `ImageError`.
+  composited on white, 16-bit, 32-bit and float greyscale are scaled to their maximum, CMYK and the rest are
+  converted), refusing anything that is not an image with `ImageError`. A multi-frame file (animated GIF, PNG or
+  WebP, multi-page TIFF) is read as its first frame: a question is about one picture, and the first frame is what
+  viewers show as the still image.
 - `padded_to_aspect` pads an extreme panorama (the Qwen resize refuses aspect ratios over 200) on its bottom or right
   with grey, so every pixel of the original keeps its coordinates: boxes in the padded view are boxes in the original
   once clamped.
@@ -33,8 +36,8 @@ def to_rgb(image: Image.Image) -> Image.Image:
         background = Image.new("RGB", rgba.size, (255, 255, 255))
         background.paste(rgba, mask=rgba.getchannel("A"))
         return background
-    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
-        # 16/32-bit greyscale: scale to 8 bit instead of clipping everything above 255 to white.
+    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        # 16/32-bit and float greyscale: scale to 8 bit instead of clipping everything above 255 to white.
         extrema = image.getextrema()
         high = float(max(1, extrema[1] if isinstance(extrema[1], (int, float)) else 1))
         image = image.point(lambda v: v * (255.0 / high)).convert("L")

@@ -39,6 +39,7 @@ __all__ = [
     "corner_sink_mask",
     "gaussian_blur3",
     "grid_box_to_pixels",
+    "heatmap_rows",
     "propose_grid_boxes",
     "roi_probability",
     "sub_box_to_pixels",
@@ -172,6 +173,16 @@ def roi_probability(logits: torch.Tensor, *, sink_mask: bool | torch.Tensor = Tr
     elif sink_mask:
         prob = prob * corner_sink_mask(prob.shape[0], prob.shape[1], device=prob.device)
     return gaussian_blur3(prob)
+
+
+def heatmap_rows(prob: torch.Tensor, decimals: int = 4) -> list[list[float]]:
+    """A probability map as JSON-ready rows (``rows x cols`` Python floats), each clamped into ``[0, 1]`` and
+    rounded to ``decimals`` places (a non-finite cell becomes 0): what the service shows of the SD-RPN's map."""
+    if prob.dim() != 2:
+        raise ValueError(f"expected an (h, w) map, got shape {tuple(prob.shape)}")
+    clean = torch.nan_to_num(prob.detach().float().cpu(), nan=0.0, posinf=1.0, neginf=0.0).clamp(0.0, 1.0)
+    rows: list[list[float]] = [[round(float(v), decimals) for v in row] for row in clean.tolist()]
+    return rows
 
 
 # ---------------------------------------------------------------------------------------------------------------------

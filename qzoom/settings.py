@@ -18,6 +18,10 @@
 | `QZOOM_RETRY_AFTER_S` | `Retry-After` sent with a 503                              | 1.0              |
 | `QZOOM_MCP_ALLOWED_HOSTS` | Host values the /mcp/ endpoint answers (comma-separated) | loopback names |
 | `QZOOM_MCP_ALLOWED_ORIGINS` | browser Origins the /mcp/ endpoint answers           | loopback origins |
+| `QZOOM_IMAGE_URLS` | accept `image_url` in requests (fetched by the server)        | false            |
+| `QZOOM_IMAGE_URL_HOSTS` | hosts an `image_url` may name, `host` or `host:port` (comma-separated) | none |
+| `QZOOM_IMAGE_URL_TIMEOUT_S` | total time for fetching one image URL, redirects included | 10.0          |
+| `QZOOM_IMAGE_URL_MAX_MB` | largest image fetched from a URL (counted while streaming) | 32             |
 """
 
 from __future__ import annotations
@@ -56,7 +60,13 @@ class Settings(BaseSettings):
         default_factory=lambda: ["http://127.0.0.1:*", "http://localhost:*", "http://[::1]:*"]
     )
 
-    @field_validator("api_keys", "mcp_allowed_hosts", "mcp_allowed_origins", mode="before")
+    # Image URLs make the server fetch what a client names: off unless enabled, and then only from listed hosts.
+    image_urls: bool = False
+    image_url_hosts: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    image_url_timeout_s: float = Field(10.0, gt=0)
+    image_url_max_mb: float = Field(32.0, gt=0)
+
+    @field_validator("api_keys", "mcp_allowed_hosts", "mcp_allowed_origins", "image_url_hosts", mode="before")
     @classmethod
     def _split_keys(cls, v: object) -> object:
         if isinstance(v, str):

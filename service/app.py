@@ -32,7 +32,7 @@ from qzoom.schemas import AskOptions
 from qzoom.settings import Settings, get_settings
 from qzoom.worker import Worker
 
-from . import ask, health, images, metrics, page
+from . import ask, health, images, metrics, page, think, tools
 from .deps import ServiceState, require_api_key
 from .errors import install_error_handlers
 from .mcp import mount_mcp
@@ -121,5 +121,7 @@ def create_app(engine_factory: EngineFactory | None = None, settings: Settings |
     app.include_router(metrics.router)
     app.include_router(ask.router, dependencies=[Depends(require_api_key)])
     app.include_router(images.router, dependencies=[Depends(require_api_key)])
+    app.include_router(tools.router, dependencies=[Depends(require_api_key)])
+    app.include_router(think.router, dependencies=[Depends(require_api_key)])
     mcp_server = mount_mcp(app, settings)
     return app

@@ -26,18 +26,17 @@ from fastapi.sse import EventSourceResponse, format_sse_event
 from PIL import Image
 from pydantic import Field, ValidationError, model_validator
 from starlette.background import BackgroundTask
-from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
 from qzoom.agent.graph import stream_events
 from qzoom.agent.zoom import ask_one, result
 from qzoom.schemas import AskOptions, AskResult
-from qzoom.tools.schema import decode_image_data
 from qzoom.worker import Worker
 
+from .cancel import until_disconnected
 from .deps import ReadyWorker, Service, ServiceState
 from .errors import ApiError, ErrorBody, describe_errors
-from .imaging import decode_upload
+from .sources import load_source
 
 log = logging.getLogger(__name__)
 
@@ -51,12 +50,16 @@ class AskRequest(AskOptions):
 
     image: str | None = Field(None, description="the image as base64 or a data URL 'data:image/png;base64,...'")
     image_id: str | None = Field(None, description="id returned by POST /v1/images, instead of image")
+    image_url: str | None = Field(
+        None, max_length=2048, description="an http(s) URL the server fetches (only when QZOOM_IMAGE_URLS is on)"
+    )
     query: str = Field(min_length=1, max_length=MAX_QUERY_CHARS, description="the question about the image")
 
     @model_validator(mode="after")
     def _one_image(self) -> Self:
-        if self.image is not None and self.image_id is not None:
-            raise ValueError("give either image or image_id, not both")
+        given = [n for n in ("image", "image_id", "image_url") if getattr(self, n) is not None]
+        if len(given) > 1:
+            raise ValueError(f"give one of image, image_id or image_url, not {' and '.join(given)}")
         return self
 
     def options(self) -> AskOptions:
@@ -98,24 +101,14 @@ async def _read_request(request: Request) -> tuple[AskRequest, bytes | None]:
             elif value != "":  # an empty form field means "not given"
                 values[key] = value
         req = _validate(values)
-        if data is not None and (req.image is not None or req.image_id is not None):
+        if data is not None and (req.image is not None or req.image_id is not None or req.image_url is not None):
             raise ApiError(422, "invalid_request", "image: give one image (a file, base64 or image_id), not several")
         return req, data
     raise ApiError(415, "unsupported_media_type", "send multipart/form-data (image file + query) or application/json")
 
 
 async def _image(service: ServiceState, req: AskRequest, data: bytes | None) -> Image.Image:
-    if req.image_id is not None:
-        return service.images.get(req.image_id)
-    if req.image is not None:
-        try:
-            data = decode_image_data(req.image)
-        except ValueError as err:
-            raise ApiError(422, "invalid_request", f"image: {err}") from err
-    if data is None:
-        raise ApiError(422, "invalid_request", "image: required (a file, base64 / data URL, or image_id)")
-    # Decoding a large image holds the CPU for a while: keep it off the event loop.
-    return await run_in_threadpool(decode_upload, data, service.settings.max_pixels_in)
+    return await load_source(service, image_id=req.image_id, image=req.image, image_url=req.image_url, data=data)
 
 
 def _stream(worker: Worker, image: Image.Image, req: AskRequest) -> EventSourceResponse:
@@ -172,4 +165,5 @@ async def ask(request: Request, service: Service, worker: ReadyWorker) -> Any:
     image = await _image(service, req, data)
     if "text/event-stream" in request.headers.get("accept", ""):
         return _stream(worker, image, req)
-    return await ask_one(worker, image, req.query, req.options())
+    # A client that hangs up cancels the graph and frees its worker place (the stream does so by itself).
+    return await until_disconnected(request, ask_one(worker, image, req.query, req.options()))

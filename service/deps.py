@@ -17,6 +17,7 @@ from typing import Annotated
 from fastapi import Depends, Request
 from fastapi.security import APIKeyHeader
 
+from qzoom.agent.thinking import Policy
 from qzoom.agent.tool import ImageStore, ZoomToolRunner
 from qzoom.cache import FeatureCache
 from qzoom.settings import Settings
@@ -36,6 +37,8 @@ class ServiceState:
     runner: ZoomToolRunner | None = None
     ready: bool = False
     load_error: str | None = None
+    # A scripted policy writing the assistant turns of /v1/think instead of the model (agent.thinking's seam).
+    think_policy: Policy | None = None
     loader: asyncio.Task[None] | None = field(default=None, repr=False)
 
 

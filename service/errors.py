@@ -3,8 +3,10 @@
 Every error body is `{"error": {"code": "<stable machine code>", "message": "<human text>"}}` (DESIGN.md
 "Interfaces"). Mapping: bad fields 400/422 (`invalid_request`, naming each field and what it accepts), body or
 pixels too large 413 (`body_too_large`, `image_too_large`), not an image 415 (`unsupported_image`), unknown image id
-404 (`unknown_image`), overloaded 503 (`overloaded`, with `Retry-After`), not ready 503 (`not_ready`). Request
-content never reaches the catch-all: a 500 (`internal_error`) means a bug in this code, and it is logged.
+404 (`unknown_image`), overloaded 503 (`overloaded`, with `Retry-After`), not ready 503 (`not_ready`), image URL
+refusals 403/413/422 (`service.urls`), a step the checkpoint lacks 422 (`not_supported`). A client that hangs up
+mid-body gets an unread 499. Request content never reaches the catch-all: a 500 (`internal_error`) means a bug in
+this code, and it is logged.
 """
 
 from __future__ import annotations
@@ -14,9 +16,10 @@ import math
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from qzoom.agent.tool import UnknownImage
 from qzoom.images import ImageError
@@ -111,6 +114,11 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(UnknownImage)
     async def _unknown_image(request: Request, exc: UnknownImage) -> JSONResponse:
         return error_response(404, "unknown_image", str(exc.args[0]) if exc.args else "unknown image_id")
+
+    @app.exception_handler(ClientDisconnect)
+    async def _client_gone(request: Request, exc: ClientDisconnect) -> Response:
+        # The client hung up while its body was being read: nobody is left to answer (nginx's 499).
+        return Response(status_code=499)
 
     @app.exception_handler(Exception)
     async def _bug(request: Request, exc: Exception) -> JSONResponse:

@@ -4,8 +4,10 @@
   the decoded pixels (the same image uploaded twice gets the same id); `/ask` and the zoom tool accept it.
   Images are kept in the app's `ImageStore` (LRU-bounded, this process only).
 - `POST /v1/tools/zoom`: body = `ZoomArgs` JSON (`image_id` or `image_data`, a `box` in any frame or a `query`)
-  -> `ZoomResult` JSON (the crop as base64 PNG and its box in original pixels). `image_path` is refused here.
-Errors are the error model: 422 bad arguments (each field named), 404 unknown image id, 413/415 as for /ask.
+  -> `ZoomResult` JSON (the crop as base64 PNG and its box in original pixels). `image_path` is refused here; in
+  its place the body may carry `image_url` (fetched when `QZOOM_IMAGE_URLS` is on, see `service.urls`).
+Errors are the error model: 422 bad arguments (each field named), 404 unknown image id, 413/415 as for /ask,
+403/413/422 for refused image URLs.
 """
 
 from __future__ import annotations
@@ -13,29 +15,47 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from fastapi import APIRouter, Request
-from pydantic import ValidationError
+from fastapi import APIRouter, Request, Response
+from pydantic import BaseModel, Field, ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
 from qzoom.tools.schema import ZoomArgs, ZoomResult
 
+from .cancel import until_disconnected
 from .deps import ReadyWorker, Service
 from .errors import ApiError, ErrorBody, describe_errors
 from .imaging import decode_upload
+from .sources import MAX_URL_CHARS, json_body_doc
+from .urls import fetch_image_url
 
 router = APIRouter(prefix="/v1", tags=["tools"])
 
-_ERRORS: dict[int | str, dict[str, Any]] = {s: {"model": ErrorBody} for s in (400, 401, 404, 413, 415, 422, 503)}
+_ERRORS: dict[int | str, dict[str, Any]] = {s: {"model": ErrorBody} for s in (400, 401, 403, 404, 413, 415, 422, 503)}
+
+# The zoom tool's schema (the one source for MCP, LangChain and OpenAI) plus the service's own image source.
+_ZOOM_BODY = ZoomArgs.model_json_schema()
+_ZOOM_BODY["properties"]["image_url"] = {
+    "anyOf": [{"type": "string", "maxLength": MAX_URL_CHARS}, {"type": "null"}],
+    "description": "an http(s) URL the server fetches, instead of image_id / image_data (when QZOOM_IMAGE_URLS is on)",
+}
+_ZOOM_BODY["required"] = []
+
+
+class ImageInfo(BaseModel):
+    image_id: str = Field(description="content id of the decoded pixels; pass it to /ask and the tools")
+    width: int
+    height: int
 
 
 @router.post(
     "/images",
+    response_model=ImageInfo,
     responses=_ERRORS,
     openapi_extra={"requestBody": {"content": {"multipart/form-data": {"schema": {
         "type": "object", "properties": {"image": {"type": "string", "format": "binary"}}, "required": ["image"]}}}}},
 )  # fmt: skip
-async def upload_image(request: Request, service: Service) -> dict[str, Any]:
+async def upload_image(request: Request, service: Service) -> ImageInfo:
     """Store an image and return its id for later `/ask` and zoom calls."""
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if ctype != "multipart/form-data":
@@ -46,11 +66,16 @@ async def upload_image(request: Request, service: Service) -> dict[str, Any]:
         raise ApiError(422, "invalid_request", "image: required, as a file part of the form")
     data = await upload.read()
     image = await run_in_threadpool(decode_upload, data, service.settings.max_pixels_in)
-    return {"image_id": service.images.put(image), "width": image.width, "height": image.height}
+    return ImageInfo(image_id=service.images.put(image), width=image.width, height=image.height)
 
 
-@router.post("/tools/zoom", response_model=ZoomResult, responses=_ERRORS)
-async def zoom_tool(request: Request, service: Service, worker: ReadyWorker) -> ZoomResult:
+@router.post(
+    "/tools/zoom",
+    response_model=ZoomResult,
+    responses=_ERRORS,
+    openapi_extra=json_body_doc(_ZOOM_BODY),
+)
+async def zoom_tool(request: Request, service: Service, worker: ReadyWorker) -> ZoomResult | Response:
     """Run the `zoom` tool: crop a box (in any frame) or let the SD-RPN choose one for the query."""
     assert service.runner is not None  # set together with the worker, which ReadyWorker guarantees
     try:
@@ -59,6 +84,17 @@ async def zoom_tool(request: Request, service: Service, worker: ReadyWorker) -> 
         raise ApiError(400, "invalid_json", f"the body is not valid JSON: {err}") from err
     if not isinstance(raw, dict):
         raise ApiError(422, "invalid_request", "the body must be a JSON object of zoom arguments")
+    url = raw.pop("image_url", None)
+    if url is not None and (not isinstance(url, str) or len(url) > MAX_URL_CHARS):
+        raise ApiError(
+            422, "invalid_request", f"image_url: must be an http(s) URL of at most {MAX_URL_CHARS} characters"
+        )
+    if url is not None and any(raw.get(k) is not None for k in ("image_id", "image_data", "image_path")):
+        raise ApiError(422, "invalid_request", "give exactly one of image_id, image_data or image_url")
+    if url is not None:
+        fetched = await fetch_image_url(url, service.settings)
+        image = await run_in_threadpool(decode_upload, fetched, service.settings.max_pixels_in)
+        raw["image_id"] = service.images.put(image)
     try:
         args = service.runner.parse(raw)
     except ValidationError as err:
@@ -69,6 +105,6 @@ async def zoom_tool(request: Request, service: Service, worker: ReadyWorker) -> 
         image = await run_in_threadpool(decode_upload, data, service.settings.max_pixels_in)
         args = args.model_copy(update={"image_data": None, "image_id": service.images.put(image)})
     try:
-        return await service.runner.zoom(args)
+        return await until_disconnected(request, service.runner.zoom(args))
     except ValueError as err:  # e.g. no box and a checkpoint without a region proposer
         raise ApiError(422, "invalid_request", str(err)) from err
