@@ -6,6 +6,7 @@
     qzoom init-tiny DIR                  write a tiny random Q-Zoom checkpoint to try the pipeline with
     qzoom bench engine                   gate-closed vs stock generate, KV-reuse vs recompute (ratios in one run)
     qzoom bench followup                 a follow-up question vs a cold one, from L1 and from Redis (L2)
+    qzoom train stage1|stage2|stage3 MODEL OUT (--data FILE.jsonl | --synthetic N)   the Q-Zoom training stages
 
 `qzoom ask --json` prints exactly one JSON object, the contract of DESIGN.md; everything else goes to stderr.
 """
@@ -13,8 +14,9 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Annotated, NoReturn
+from typing import Annotated, Any, NoReturn
 
 import typer
 
@@ -23,6 +25,8 @@ bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks that print ratios
 app.add_typer(bench_app, name="bench")
 eval_app = typer.Typer(no_args_is_help=True, help="The synthetic high-res benchmark and evaluations.")
 app.add_typer(eval_app, name="eval")
+train_app = typer.Typer(no_args_is_help=True, help="The Q-Zoom training stages (resumable; HF-format outputs).")
+app.add_typer(train_app, name="train")
 
 
 def _fail(message: str) -> NoReturn:
@@ -291,6 +295,208 @@ def bench_http(
     run_http_benchmark(
         layers=layers, split=split, hidden=hidden, tokens=tokens, new_tokens=new_tokens,
         concurrency=levels, requests=requests, rounds=rounds, echo=typer.echo,
+    )  # fmt: skip
+
+
+# -- qzoom train stage1|stage2|stage3 (qzoom.train.*): shared options, then one command per stage ---------------------
+
+TrainModel = Annotated[Path, typer.Argument(help="input checkpoint directory")]
+TrainOut = Annotated[Path, typer.Argument(help="output directory (rerun the same command to resume)")]
+TrainData = Annotated[Path | None, typer.Option("--data", help="JSONL items: image, question, answer[, box, uid]")]
+TrainSynthetic = Annotated[int | None, typer.Option("--synthetic", min=1, help="N items of the synthetic train split")]
+TrainDataSeed = Annotated[int, typer.Option(help="synthetic benchmark seed")]
+TrainSide = Annotated[int, typer.Option(min=256, help="synthetic canvas side bound (px)")]
+TrainLr = Annotated[float | None, typer.Option(help="peak learning rate (default: the stage's recipe)")]
+TrainBatch = Annotated[int, typer.Option(min=1, help="samples per optimizer step")]
+TrainEpochs = Annotated[float, typer.Option(help="passes over the training samples")]
+TrainSteps = Annotated[int | None, typer.Option(min=1, help="stop after this many optimizer steps")]
+TrainSeed = Annotated[int, typer.Option(help="sample order and label draws")]
+TrainSaveEvery = Annotated[int, typer.Option(min=1, help="optimizer steps between resumable save points")]
+TrainDevice = Annotated[str, typer.Option(help="cpu, cuda, cuda:1, ... (bf16 autocast on CUDA)")]
+TrainDtype = Annotated[str, typer.Option(help="weights: float32, bfloat16 or float16")]
+TrainPixels = Annotated[int | None, typer.Option(help="pixel budget bound of each view (default: checkpoint's)")]
+TrainTokens = Annotated[int, typer.Option(min=1, max=1024, help="answer length limit while the model answers")]
+TrainMineBatch = Annotated[int, typer.Option(min=1, help="samples per batch while the frozen model answers")]
+
+
+def _train_run(stage: str, config_cls: type, build: Callable[[Any], Path], **fields: Any) -> None:
+    """Validate the options into the stage's config, run it, report where the checkpoint is and what it did."""
+    import json
+
+    from pydantic import ValidationError
+
+    from qzoom.checkpoint import CheckpointError
+    from qzoom.images import ImageError
+    from qzoom.train.common import TrainingError
+
+    _quiet_transformers()
+    try:
+        config = config_cls(**{k: v for k, v in fields.items() if v is not None})
+        out = build(config)
+    except ValidationError as err:
+        _fail("; ".join(f"{'.'.join(map(str, e['loc'])) or stage}: {e['msg']}" for e in err.errors()))
+    except (TrainingError, CheckpointError, ImageError, OSError) as err:
+        _fail(str(err))
+    state = json.loads((out / "trainer" / "state.json").read_text())
+    typer.echo(f"{stage}: wrote {out}")
+    typer.echo(json.dumps(state.get("summary", {})))
+
+
+@train_app.command("stage1")
+def train_stage1_cmd(
+    model: TrainModel,
+    out: TrainOut,
+    data: TrainData = None,
+    synthetic: TrainSynthetic = None,
+    heads: Annotated[str | None, typer.Option(help="grounding heads 'L:H,L:H' [';L:H,...' sink heads]")] = None,
+    calibration: Annotated[int, typer.Option(min=0, help="items with a box to pick heads automatically")] = 32,
+    calibration_data: Annotated[Path | None, typer.Option(help="JSONL of calibration items with boxes")] = None,
+    twig_k: Annotated[int | None, typer.Option("--twig-k", min=1, help="branch point (model without SD-RPN)")] = None,
+    twig_t: Annotated[int, typer.Option("--twig-t", min=1, help="twig depth (model without SD-RPN)")] = 3,
+    data_seed: TrainDataSeed = 0,
+    min_side: TrainSide = 896,
+    max_side: TrainSide = 4096,
+    lr: TrainLr = None,
+    batch_size: TrainBatch = 8,
+    epochs: TrainEpochs = 1.0,
+    max_steps: TrainSteps = None,
+    seed: TrainSeed = 0,
+    save_every: TrainSaveEvery = 50,
+    device: TrainDevice = "cpu",
+    dtype: TrainDtype = "float32",
+    min_pixels: TrainPixels = None,
+    max_pixels: TrainPixels = None,
+    max_new_tokens: TrainTokens = 32,
+    mine_batch_size: TrainMineBatch = 8,
+) -> None:
+    """Stage 1: self-distil the SD-RPN from the model's own answer->image attention (trains twig_layers only).
+
+    Heads: --heads, else picked on calibration items with a box (--calibration-data, the synthetic val split with
+    --synthetic, else the first --calibration boxed items of --data), else the ones recorded in MODEL's config.json.
+    """
+    from qzoom.train.common import JsonlItems, SyntheticItems, TrainItem, data_source
+    from qzoom.train.stage1 import Heads, Stage1Config, train_stage1
+
+    def build(config: Any) -> Path:
+        items = data_source(data, synthetic, seed=data_seed, min_side=min_side, max_side=max_side)
+        cal: Sequence[TrainItem] | None = None
+        if config.heads is None and calibration > 0:
+            if calibration_data is not None:
+                cal = JsonlItems(calibration_data)
+            elif isinstance(items, SyntheticItems):
+                cal = SyntheticItems(calibration, split="val", seed=data_seed, min_side=min_side, max_side=max_side)
+            else:
+                boxed = [i for i, r in enumerate(items.records) if r.box is not None][:calibration]
+                cal = [items[i] for i in boxed] if len(boxed) >= 2 else None
+        return train_stage1(model, items, out, config, calibration=cal)
+
+    try:
+        parsed = Heads.parse(heads) if heads else None
+    except ValueError as err:
+        _fail(f"--heads: {err}")
+    _train_run(
+        "stage 1", Stage1Config, build, heads=parsed, twig_K=twig_k, twig_T=twig_t, lr=lr, batch_size=batch_size,
+        epochs=epochs, max_steps=max_steps, seed=seed, save_every=save_every, device=device, dtype=dtype,
+        min_pixels=min_pixels, max_pixels=max_pixels, max_new_tokens=max_new_tokens, mine_batch_size=mine_batch_size,
+    )  # fmt: skip
+
+
+@train_app.command("stage2")
+def train_stage2_cmd(
+    model: TrainModel,
+    out: TrainOut,
+    data: TrainData = None,
+    synthetic: TrainSynthetic = None,
+    judge: Annotated[str, typer.Option(help="auto (synthetic scoring / exact match), exact, or llm")] = "auto",
+    judge_model: Annotated[Path | None, typer.Option(help="chat checkpoint for --judge llm")] = None,
+    target: Annotated[str, typer.Option(help="SFT target: answer (the coarse answer) or gt")] = "answer",
+    gradient_checkpointing: Annotated[bool, typer.Option(help="less memory, more compute")] = False,
+    data_seed: TrainDataSeed = 0,
+    min_side: TrainSide = 896,
+    max_side: TrainSide = 4096,
+    lr: TrainLr = None,
+    batch_size: TrainBatch = 8,
+    epochs: TrainEpochs = 1.0,
+    max_steps: TrainSteps = None,
+    seed: TrainSeed = 0,
+    save_every: TrainSaveEvery = 50,
+    device: TrainDevice = "cpu",
+    dtype: TrainDtype = "float32",
+    min_pixels: TrainPixels = None,
+    max_pixels: TrainPixels = None,
+    max_new_tokens: TrainTokens = 32,
+    mine_batch_size: TrainMineBatch = 8,
+) -> None:
+    """Stage 2: mine regressions (coarse right, zoomed wrong) and post-SFT the decoder layers + lm_head on them."""
+    from qzoom.train.common import SyntheticItems, data_source
+    from qzoom.train.labels import Judge, exact_match_judge, llm_judge
+    from qzoom.train.stage2 import Stage2Config, hf_chat_generate, synthetic_judge, train_stage2
+
+    if judge not in ("auto", "exact", "llm"):
+        _fail(f"--judge takes auto, exact or llm; got {judge!r}")
+    if judge == "llm" and judge_model is None:
+        _fail("--judge llm needs --judge-model DIR (a chat checkpoint, e.g. Qwen2.5-VL-7B-Instruct)")
+
+    def build(config: Any) -> Path:
+        items = data_source(data, synthetic, seed=data_seed, min_side=min_side, max_side=max_side)
+        chosen: Judge = exact_match_judge
+        if judge == "llm" and judge_model is not None:
+            chosen = llm_judge(hf_chat_generate(judge_model, device=device))
+        elif judge == "auto" and isinstance(items, SyntheticItems):
+            chosen = synthetic_judge
+        return train_stage2(model, items, out, config, judge=chosen)
+
+    _train_run(
+        "stage 2", Stage2Config, build, target=target, gradient_checkpointing=gradient_checkpointing, lr=lr,
+        batch_size=batch_size, epochs=epochs, max_steps=max_steps, seed=seed, save_every=save_every, device=device,
+        dtype=dtype, min_pixels=min_pixels, max_pixels=max_pixels, max_new_tokens=max_new_tokens,
+        mine_batch_size=mine_batch_size,
+    )  # fmt: skip
+
+
+@train_app.command("stage3")
+def train_stage3_cmd(
+    model: TrainModel,
+    out: TrainOut,
+    data: TrainData = None,
+    synthetic: TrainSynthetic = None,
+    ladder: Annotated[str, typer.Option(help="token budgets, ascending, comma-separated")] = "64,128,256,576,1024",
+    p_refine: Annotated[float, typer.Option(help="P(draw a 'needs zoom' step) on a transition")] = 0.9,
+    max_samples: Annotated[int, typer.Option(min=1, help="ladders kept after filtering")] = 20000,
+    high_res_k: Annotated[int | None, typer.Option("--high-res-k", min=1, help="gate branch point (new gate)")] = None,
+    high_res_t: Annotated[int | None, typer.Option("--high-res-t", min=1, help="gate depth (new gate)")] = None,
+    data_seed: TrainDataSeed = 0,
+    min_side: TrainSide = 896,
+    max_side: TrainSide = 4096,
+    lr: TrainLr = None,
+    batch_size: TrainBatch = 8,
+    epochs: TrainEpochs = 1.0,
+    max_steps: TrainSteps = None,
+    seed: TrainSeed = 0,
+    save_every: TrainSaveEvery = 50,
+    device: TrainDevice = "cpu",
+    dtype: TrainDtype = "float32",
+    max_new_tokens: TrainTokens = 32,
+    mine_batch_size: TrainMineBatch = 8,
+) -> None:
+    """Stage 3: label the gate from answers over a budget ladder (spec §5.2) and train the gate branch only."""
+    from qzoom.train.common import data_source
+    from qzoom.train.stage3 import Stage3Config, train_stage3
+
+    try:
+        budgets = [int(b) for b in ladder.split(",")]
+    except ValueError:
+        _fail(f"--ladder takes comma-separated token budgets such as 64,128,256,576,1024; got {ladder!r}")
+
+    def build(config: Any) -> Path:
+        items = data_source(data, synthetic, seed=data_seed, min_side=min_side, max_side=max_side)
+        return train_stage3(model, items, out, config)
+
+    _train_run(
+        "stage 3", Stage3Config, build, ladder=budgets, p_refine=p_refine, max_samples=max_samples,
+        high_res_K=high_res_k, high_res_T=high_res_t, lr=lr, batch_size=batch_size, epochs=epochs,
+        max_steps=max_steps, seed=seed, save_every=save_every, device=device, dtype=dtype,
+        max_new_tokens=max_new_tokens, mine_batch_size=mine_batch_size,
     )  # fmt: skip
 
 

@@ -194,6 +194,24 @@ class SyntheticItems(Sequence[TrainItem]):
         )
 
 
+def data_source(
+    data: str | Path | None,
+    synthetic: int | None,
+    *,
+    seed: int = 0,
+    split: str = "train",
+    min_side: int = 896,
+    max_side: int = 4096,
+) -> JsonlItems | SyntheticItems:
+    """Exactly one of a JSONL file (`data`) or `synthetic` items of the benchmark's `split` (the commands' sources)."""
+    if (data is None) == (synthetic is None):
+        raise TrainingError("give exactly one data source: --data FILE.jsonl or --synthetic N")
+    if data is not None:
+        return JsonlItems(data)
+    assert synthetic is not None
+    return SyntheticItems(synthetic, split=split, seed=seed, min_side=min_side, max_side=max_side)
+
+
 def items_fingerprint(items: Sequence[TrainItem] | JsonlItems | SyntheticItems) -> str:
     """A digest of which items these are (their uids, or the generator's arguments), without decoding any image."""
     digest = hashlib.blake2b(digest_size=8)

@@ -1,0 +1,194 @@
+"""Stage 3: the dynamic gate on consistency-aware labels (spec §5.2). Trains ``high_res_layers`` and
+``high_res_head`` only.
+
+Contract of :func:`train_stage3`:
+
+1. **Ladder.** The frozen input model (a Stage-2, or Stage-1, checkpoint) answers every item on the coarse view
+   alone at each budget of ``config.ladder`` (merged tokens, ascending; the view is resized to exactly that budget:
+   ``min_pixels = max_pixels = budget * 28²``, as the reference re-processes it).
+2. **Labels** (:mod:`qzoom.train.labels`): :func:`~qzoom.train.labels.filter_pool` keeps the monotone transition
+   ladders plus as many all-correct ones (seeded), :func:`~qzoom.train.labels.cap_pool` caps the pool
+   (``max_samples``, shuffle seed 42), and :func:`~qzoom.train.labels.gate_step_label` draws one ``(budget, label)``
+   per ladder from ``random.Random(seed)``: 1 = needs zooming at that budget, 0 = the coarse view is enough;
+   ignored draws are dropped.
+3. **Training.** At the drawn budget the frozen layers below the branch point give the last prompt token's
+   hidden state route; the gate layers run on it with gradients and ``high_res_head`` gives a logit (the same
+   computation as ``engine.gate``: last prompt token, no final norm). BCE with the label.
+4. A model with an SD-RPN but no gate gets one first: ``high_res_layers`` copied from ``layers[K:K+T]`` (the
+   documented intent, spec §9.6), a fresh ``high_res_head``; ``high_res_K`` / ``high_res_T`` default to the twig's.
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field, field_validator
+
+from qzoom.engine import QZoomEngine, SequenceState, _run_layers
+from qzoom.train.common import (
+    RunDir,
+    TrainConfig,
+    TrainingError,
+    TrainItem,
+    answer_batch,
+    fit,
+    items_fingerprint,
+    load_for_training,
+    make_engine,
+    mine,
+    named_trainable,
+    unfreeze,
+)
+from qzoom.train.labels import IGNORE_INDEX, LadderKind, LadderSample, cap_pool, filter_pool, gate_step_label
+
+LADDER_FILE = "stage3_ladders.jsonl"
+EXAMPLES_FILE = "stage3_examples.json"
+PIXELS_PER_TOKEN = 28 * 28
+
+
+class Stage3Config(TrainConfig):
+    """Stage-3 recipe (spec §5.2): lr 1e-4, cosine, one epoch, at most 20000 ladders."""
+
+    ladder: list[int] = Field(
+        default_factory=lambda: [64, 128, 256, 576, 1024], description="token budgets, ascending, at least 3"
+    )
+    p_refine: float = Field(0.9, ge=0, le=1, description="probability of drawing a 'needs zoom' step on a transition")
+    max_samples: int | None = Field(20000, ge=1, description="ladders kept after filtering (None: all)")
+    strip_gt_punctuation: bool = False
+    high_res_K: int | None = Field(None, ge=1, description="gate branch point for a model without a gate (twig_K)")
+    high_res_T: int | None = Field(None, ge=1, description="gate depth for a model without a gate (twig_T)")
+
+    @field_validator("ladder")
+    @classmethod
+    def _ascending(cls, value: list[int]) -> list[int]:
+        if len(value) < 3 or any(b <= a for a, b in itertools.pairwise(value)) or value[0] < 4:
+            raise ValueError(
+                f"the ladder takes at least 3 strictly ascending token budgets of 4 or more (the top two are the "
+                f"reference; labels are drawn below them), e.g. 64,128,256,576,1024; got {value}"
+            )
+        return value
+
+
+def ladder_records(engine: QZoomEngine, items: Sequence[TrainItem], config: Stage3Config) -> list[dict[str, Any]]:
+    """Per item: the model's coarse answer at each ladder budget."""
+    answers: list[list[str]] = [[] for _ in items]
+    for budget in config.ladder:
+        pixels = budget * PIXELS_PER_TOKEN
+        options = config.options(min_pixels=pixels, max_pixels=pixels)
+        for per_item, answer in zip(answers, answer_batch(engine, items, options), strict=True):
+            per_item.append(answer)
+    return [
+        {"uid": item.uid, "res": list(config.ladder), "answers": a, "gt": item.answer}
+        for item, a in zip(items, answers, strict=True)
+    ]
+
+
+def gate_examples(records: Sequence[dict[str, Any]], config: Stage3Config) -> tuple[list[list[int]], dict[str, int]]:
+    """``[item index, budget, label]`` training examples from ladder records (spec §5.2), and the pool's counts."""
+    ladders = [
+        LadderSample(res=list(r["res"]), answers=list(r["answers"]), gt=str(r["gt"]), payload=int(r["index"]))
+        for r in records
+    ]
+    pool = filter_pool(ladders, seed=config.seed, strip_gt_punctuation=config.strip_gt_punctuation)
+    kept = cap_pool(pool.kept, config.max_samples)
+    rng = random.Random(config.seed)
+    examples = []
+    for sample in kept:
+        budget, label = gate_step_label(
+            sample, rng, p_refine=config.p_refine, strip_gt_punctuation=config.strip_gt_punctuation
+        )
+        if label != IGNORE_INDEX:
+            examples.append([int(sample.payload), budget, label])
+    counts = {str(kind): pool.counts[kind] for kind in LadderKind}
+    counts.update(kept=len(kept), examples=len(examples), positives=sum(e[2] == 1 for e in examples))
+    return examples, counts
+
+
+def gate_logits(engine: QZoomEngine, states: Sequence[SequenceState]) -> torch.Tensor:
+    """``(B,)`` gate logits with gradients to the gate branch (``engine.gate`` before its sigmoid)."""
+    with torch.inference_mode():
+        frozen = engine._branch_input(states, engine.settings.high_res_K)
+    hidden = [h.clone() for h in frozen]  # out of inference mode: autograd may save them
+    positions = [st.positions.clone() for st in states]
+    out, _ = _run_layers(engine.gate_layers, engine.lm.rotary_emb, engine.attn_impl, hidden, positions)
+    assert engine.gate_head is not None
+    last = torch.stack([h[-1] for h in out])  # (B, d): the last prompt token, no final norm
+    return engine.gate_head(last).squeeze(-1)
+
+
+def stage3_loss(
+    engine: QZoomEngine, items: Sequence[TrainItem], examples: Sequence[Sequence[int]], config: Stage3Config
+) -> torch.Tensor:
+    """BCE of the gate logit at each example's budget against its label."""
+    states = []
+    for item, (_, budget, _) in zip(items, examples, strict=True):
+        pixels = budget * PIXELS_PER_TOKEN
+        states.append(engine.new_state(item.image, item.question, config.options(min_pixels=pixels, max_pixels=pixels)))
+    engine.prepare(states)
+    engine.encode(states)
+    engine.prefill(states)
+    with config.autocast_context():
+        logits = gate_logits(engine, states)
+    labels = torch.tensor([float(e[2]) for e in examples], device=logits.device)
+    return F.binary_cross_entropy_with_logits(logits.float(), labels)
+
+
+def train_stage3(
+    model_dir: str | Path,
+    items: Sequence[TrainItem],
+    out_dir: str | Path,
+    config: Stage3Config | None = None,
+) -> Path:
+    """Stage 3 on `items` (image, question, reference answer) -> a qzoom checkpoint with a trained gate in `out_dir`.
+
+    Resumable like every stage: rerunning with the same arguments continues; a finished run returns at once.
+    """
+    config = config or Stage3Config()
+    identity = {"model": str(Path(model_dir).resolve()), "items": items_fingerprint(items), **config.run_identity()}
+    run = RunDir(out_dir, "stage3", identity)
+    if run.done:
+        return run.out
+    model, processor = load_for_training(model_dir, config)
+    if not model.qzoom.enable_twig:
+        raise TrainingError(f"{model_dir} has no SD-RPN (enable_twig is false): train Stage 1 (and 2) before Stage 3")
+    if not model.qzoom.enable_high_res:
+        model.attach_gate(config.high_res_K or model.qzoom.twig_K, config.high_res_T or model.qzoom.twig_T)
+    engine = make_engine(model, processor)
+
+    records = mine(
+        run,
+        LADDER_FILE,
+        items,
+        lambda indices, batch: [
+            {"index": i, **r} for i, r in zip(indices, ladder_records(engine, batch, config), strict=True)
+        ],
+        batch_size=config.mine_batch_size,
+        desc="stage 3 ladder",
+        progress=config.progress,
+    )
+    examples, counts = gate_examples(records, config)
+    run.save_json(EXAMPLES_FILE, {"counts": counts, "examples": examples})
+    if not examples:
+        raise TrainingError(
+            f"no gate training example among {len(records)} ladders ({counts}): the gate needs items whose answer "
+            "changes from wrong to right as the budget grows; use more items or another ladder (--ladder)"
+        )
+
+    unfreeze([engine.lm.high_res_layers, engine.lm.high_res_head])
+    params = named_trainable(model)
+    result = fit(
+        run,
+        params,
+        examples,
+        lambda batch: stage3_loss(engine, [items[e[0]] for e in batch], batch, config),
+        config,
+        desc="stage 3 (gate)",
+    )
+    summary = {**counts, "steps": result.steps, "last_loss": result.last_loss, "lr": config.lr}
+    return run.finish(model, processor, summary)
