@@ -6,6 +6,7 @@ Modules (flat, since the distribution maps only `service/` itself into `qzoom.se
 - `app`: `create_app(engine_factory, settings)`, lifespan (load, warm up, ready), routers and middleware
 - `ask`: `POST /ask` (JSON, multipart, SSE); `images`: `POST /v1/images`, `POST /v1/tools/zoom`;
   `health`: `/healthz`, `/readyz`; `metrics`: `GET /metrics` (Prometheus)
+- `page`: the demo page at `GET /` (files in `static/`, package data) that streams `POST /ask` in a browser
 - `deps`: service state, the ready worker, API keys; `errors`: the error model and handlers;
   `middleware`: the request body limit; `imaging`: upload decoding under a pixel limit
 """

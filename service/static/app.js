@@ -179,7 +179,7 @@
         const [R, G, B] = heatColor(v);
         const o = 4 * (r * gw + c);
         img.data[o] = R; img.data[o + 1] = G; img.data[o + 2] = B;
-        img.data[o + 3] = Math.round(200 * v * v);
+        img.data[o + 3] = Math.round(150 * v * v); // at most ~60% opaque: the picture stays readable
       }
     }
     ctx.putImageData(img, 0, 0);
