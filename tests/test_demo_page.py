@@ -165,9 +165,10 @@ def browser():
 
 
 def submit_and_wait(page) -> None:
+    """Press Ask and wait until that request has finished (answered, refused or failed)."""
+    before = int(page.get_attribute("#ask-form", "data-finished") or 0)
     page.click("#submit")
-    page.wait_for_selector("#answer[data-state='done'], #answer[data-state='empty']", timeout=60_000)
-    page.wait_for_selector("#submit:not([disabled])", timeout=10_000)
+    page.wait_for_selector(f"#ask-form[data-finished='{before + 1}']", timeout=60_000)
 
 
 def rendered_box(page) -> tuple[list[int], dict, dict]:

@@ -26,6 +26,7 @@
   let objectUrl = null;
   let controller = null;
   let run = null; // what the current request has shown so far
+  let finished = 0; // requests completed (answered, refused or failed), exposed as data-finished on the form
 
   // -- server status ----------------------------------------------------------------------------------------
 
@@ -446,6 +447,8 @@
     } finally {
       controller = null;
       setBusy(false);
+      finished += 1;
+      el.form.dataset.finished = String(finished);
     }
   }
 
