@@ -44,6 +44,7 @@ from qzoom.evals.bench_engine import build_engine
 from qzoom.evals.bench_followup import bench_image_seeded
 from qzoom.schemas import AskOptions
 from qzoom.settings import Settings
+from qzoom.testing import die_with_parent
 from qzoom.worker import Worker
 
 QUERY = "What is written in the blue box?"
@@ -118,7 +119,7 @@ class _Server:
             env=env,
             stdout=self.log,
             stderr=subprocess.STDOUT,
-            start_new_session=True,
+            preexec_fn=die_with_parent,
         )
 
     def log_tail(self) -> str:

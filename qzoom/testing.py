@@ -28,8 +28,8 @@ def redis_server_binary() -> str | None:
     return shutil.which("redis-server")
 
 
-def _die_with_parent() -> None:
-    """Runs in the child before exec: SIGTERM it if the test process dies, so no server outlives a crashed run."""
+def die_with_parent() -> None:
+    """`preexec_fn` for helper servers: SIGTERM the child when its parent dies, so none outlives a crashed run."""
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
@@ -78,7 +78,7 @@ class RedisServer:
         if self.proc is not None and self.proc.poll() is None:
             return self
         self.proc = subprocess.Popen(
-            self.argv(), stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent
+            self.argv(), stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, preexec_fn=die_with_parent
         )
         deadline = time.monotonic() + timeout_s
         client = self.client()

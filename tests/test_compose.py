@@ -32,6 +32,7 @@ import yaml
 from PIL import Image
 
 from qzoom.settings import Settings
+from qzoom.testing import die_with_parent
 
 ROOT = Path(__file__).resolve().parents[1]
 QZOOM_SERVICES = ("qzoom-gpu", "qzoom-cpu")
@@ -214,7 +215,7 @@ def test_the_images_serve_command_serves_outside_docker(compose, redis_server, t
     cmd[0] = str(Path(sys.executable).with_name(cmd[0]))  # the console script of this environment
     log = tmp_path / "serve.log"
     proc = subprocess.Popen(
-        cmd, env={**os.environ, **env}, stdout=log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True
+        cmd, env={**os.environ, **env}, stdout=log.open("wb"), stderr=subprocess.STDOUT, preexec_fn=die_with_parent
     )
     base = f"http://127.0.0.1:{port}"
     try:
@@ -250,7 +251,7 @@ def test_the_images_serve_command_serves_outside_docker(compose, redis_server, t
         try:
             rc = proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+            proc.kill()
             raise
     # uvicorn shuts down gracefully, then re-raises SIGTERM so the exit status says what stopped it.
     assert rc in (0, -signal.SIGTERM), f"`{shlex.join(cmd)}` exited with {rc}:\n{log.read_text()[-2000:]}"
