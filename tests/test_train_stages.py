@@ -1,0 +1,380 @@
+"""The three training stages (qzoom.train.stage1/2/3) and `qzoom train` on a micro model: what trains, what stays
+frozen, what the labels may read, resume, regression mining, and the written checkpoints running in the engine."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from conftest import MAX_PIXELS, MIN_PIXELS, make_tiny_model
+from qzoom.checkpoint import save_checkpoint
+from qzoom.cli import app
+from qzoom.engine import QZoomEngine
+from qzoom.images import padded_to_aspect
+from qzoom.modeling import QZoomQwen2_5_VLForConditionalGeneration, enable_qzoom
+from qzoom.offline import build_processor, build_tokenizer, tiny_qwen25vl_config
+from qzoom.schemas import AskOptions
+from qzoom.train import stage1 as stage1_module
+from qzoom.train.common import RunDir, SyntheticItems, TrainConfig, TrainingError, fit
+from qzoom.train.labels import answer_to_image_attention_per_head, exact_match_judge
+from qzoom.train.stage1 import Heads, Stage1Config, answer_attention, pseudo_labels, train_stage1
+from qzoom.train.stage2 import Stage2Config, fused_states, mine_regressions, stage2_loss, target_ids, train_stage2
+from qzoom.train.stage3 import Stage3Config, gate_examples, train_stage3
+
+HEADS = Heads(grounding=[(2, 0), (3, 1)])
+RUNTIME = {"min_pixels": MIN_PIXELS, "max_pixels": MAX_PIXELS, "progress": False, "mine_batch_size": 4}
+
+
+def peaked(model: QZoomQwen2_5_VLForConditionalGeneration) -> QZoomQwen2_5_VLForConditionalGeneration:
+    """Sharpen the attention of layers 2 and 3: a random micro model otherwise spreads it evenly, so every pseudo-label
+    would be rejected; sharp heads look at a few image cells, as trained grounding heads do."""
+    with torch.no_grad():
+        for layer in model.model.language_model.layers[2:4]:
+            layer.self_attn.q_proj.weight.mul_(30.0)
+            layer.self_attn.k_proj.weight.mul_(30.0)
+    return model
+
+
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory) -> Path:
+    """A micro Q-Zoom checkpoint (SD-RPN + gate) with peaked attention."""
+    out = tmp_path_factory.mktemp("base")
+    processor = build_processor(build_tokenizer(), min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS)
+    return save_checkpoint(peaked(make_tiny_model()), processor, out)
+
+
+@pytest.fixture(scope="module")
+def items() -> SyntheticItems:
+    return SyntheticItems(4, min_side=256, max_side=256)
+
+
+@pytest.fixture(scope="module")
+def stage1_dir(base_dir, items, tmp_path_factory) -> Path:
+    config = Stage1Config(heads=HEADS, max_new_tokens=3, batch_size=2, max_steps=2, **RUNTIME)
+    return train_stage1(base_dir, items, tmp_path_factory.mktemp("s1") / "out", config)
+
+
+def weights(directory: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(directory / "model.safetensors"))
+
+
+def changed_keys(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor]) -> set[str]:
+    assert before.keys() <= after.keys()
+    return {k for k in before if not torch.equal(before[k], after[k])}
+
+
+def answers(directory: Path, items) -> list[str]:
+    """The checkpoint loads and runs the inference steps: SD-RPN proposal, one zoom, an answer."""
+    engine = QZoomEngine.from_pretrained(directory)
+    opts = AskOptions(min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS, max_new_tokens=3)
+    states = [engine.new_state(item.image, item.question, opts) for item in items]
+    engine.prepare(states)
+    engine.encode(states)
+    engine.prefill(states)
+    engine.zoom(states, engine.propose(states))
+    engine.finish(states)
+    engine.decode(states)
+    return [st.answer for st in states]
+
+
+# -- Stage 1 -----------------------------------------------------------------------------------------------------------
+
+
+def test_answer_attention_equals_hf_generate_attentions(processor, items):
+    """The decode-step attention captured inside the engine is what HF generate(output_attentions=True) returns."""
+    model = peaked(make_tiny_model(attn="eager"))
+    engine = QZoomEngine(model, processor)
+    item = items[0]
+    st = engine.new_state(
+        item.image, item.question, AskOptions(min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS, max_new_tokens=4)
+    )
+    engine.prepare([st])
+    engine.encode([st])
+    engine.prefill([st])
+    engine.finish([st])
+    (ours,) = answer_attention(engine, [st])
+    inputs = processor(
+        text=[engine.prompt_text(item.question)], images=[padded_to_aspect(item.image)], return_tensors="pt"
+    )
+    with torch.inference_mode():
+        out = model.generate(
+            **inputs, max_new_tokens=4, do_sample=False, output_attentions=True, return_dict_in_generate=True
+        )
+    assert out.sequences[0, inputs["input_ids"].shape[1] :].tolist()[: len(st.answer_ids)] == st.answer_ids
+    image_index = inputs["input_ids"][0] == model.config.image_token_id
+    reference = answer_to_image_attention_per_head(out.attentions[1:], image_index, st.blocks[0].grid_hw)
+    assert ours is not None and ours.shape == reference.shape == (4, 4, *st.blocks[0].grid_hw)
+    torch.testing.assert_close(ours, reference, rtol=1e-4, atol=1e-6)
+    assert float(ours[2:].amax()) > 0.05  # the peaked layers do localise: a non-trivial comparison
+
+
+def test_stage1_trains_only_the_twig_and_records_heads(base_dir, stage1_dir, items):
+    before, after = weights(base_dir), weights(stage1_dir)
+    changed = changed_keys(before, after)
+    twig = "model.language_model.twig_layers."
+    assert changed and all(k.startswith(twig) for k in changed)
+    # The trained ones: the first twig layer, and the last one's norm and Q/K (its V/O/MLP are unused, spec §1.2).
+    assert f"{twig}0.mlp.down_proj.weight" in changed and f"{twig}1.self_attn.q_proj.weight" in changed
+    assert f"{twig}1.self_attn.v_proj.weight" not in changed and f"{twig}1.mlp.up_proj.weight" not in changed
+    config = json.loads((stage1_dir / "config.json").read_text())
+    assert config["qzoom_stage1_heads"]["grounding"] == [[2, 0], [3, 1]]
+    assert config["qzoom_training"][-1]["stage"] == "stage1" and config["qzoom_training"][-1]["steps"] == 2
+    records = [json.loads(line) for line in (stage1_dir / "trainer" / "stage1_labels.jsonl").read_text().splitlines()]
+    assert sorted(r["index"] for r in records) == [0, 1, 2, 3]
+    assert any(r["rejected"] is None and "1" in r["labels"] for r in records)
+    assert len(answers(stage1_dir, items[:2])) == 2
+
+
+def test_stage1_labels_never_see_ground_truth_boxes(base_dir, items):
+    engine = QZoomEngine.from_pretrained(base_dir)
+    config = Stage1Config(heads=HEADS, max_new_tokens=3, **RUNTIME)
+    chosen = [items[0], items[1]]
+    moved = [dataclasses.replace(i, box=(0, 0, 10, 10)) for i in chosen]
+    blind = [dataclasses.replace(i, box=None) for i in chosen]
+    reference = pseudo_labels(engine, chosen, HEADS, config)
+    assert pseudo_labels(engine, moved, HEADS, config) == reference == pseudo_labels(engine, blind, HEADS, config)
+
+
+def test_stage1_picks_heads_on_calibration_items(base_dir, items, tmp_path):
+    calibration = SyntheticItems(3, split="val", min_side=256, max_side=256)
+    config = Stage1Config(max_new_tokens=3, batch_size=2, max_steps=1, top_k_heads=2, **RUNTIME)
+    out = train_stage1(base_dir, items, tmp_path / "out", config, calibration=calibration)
+    recorded = json.loads((out / "config.json").read_text())["qzoom_stage1_heads"]
+    assert len(recorded["grounding"]) == 2 and "calibration" in recorded["source"]
+    with pytest.raises(TrainingError, match="needs grounding heads"):
+        train_stage1(base_dir, items, tmp_path / "none", Stage1Config(max_new_tokens=3, max_steps=1, **RUNTIME))
+
+
+def test_stage1_resume_continues_from_the_saved_step(base_dir, items, stage1_dir, tmp_path, monkeypatch):
+    config = Stage1Config(heads=HEADS, max_new_tokens=3, batch_size=2, max_steps=2, save_every=1, **RUNTIME)
+    real_loss = stage1_module.stage1_loss
+    calls = []
+
+    def failing_loss(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # the run is killed during its second step
+        return real_loss(*args, **kwargs)
+
+    monkeypatch.setattr(stage1_module, "stage1_loss", failing_loss)
+    with pytest.raises(KeyboardInterrupt):
+        train_stage1(base_dir, items, tmp_path / "out", config)
+    state = json.loads((tmp_path / "out" / "trainer" / "state.json").read_text())
+    assert state["step"] == 1 and state["position"] == 2 and not state["done"]
+    monkeypatch.setattr(stage1_module, "stage1_loss", real_loss)
+    out = train_stage1(base_dir, items, tmp_path / "out", config)
+    log = [json.loads(line)["step"] for line in (out / "trainer" / "log.jsonl").read_text().splitlines()]
+    assert log == [1, 2]  # step 2 ran once, after the resume; step 1 was not repeated
+    labels = (out / "trainer" / "stage1_labels.jsonl").read_text().splitlines()
+    assert len(labels) == 4  # mining was not repeated either
+    # Same data order, same optimizer state: the resumed run ends where the uninterrupted one (save_every 50) did.
+    resumed, straight = weights(out), weights(stage1_dir)
+    for key in straight:
+        torch.testing.assert_close(resumed[key], straight[key], rtol=0, atol=1e-6)
+    # A finished run returns at once; a different setting in the same directory is refused.
+    assert train_stage1(base_dir, items, out, config) == out
+    with pytest.raises(TrainingError, match="different lr"):
+        train_stage1(base_dir, items, out, config.model_copy(update={"lr": 1e-3}))
+
+
+def test_fit_resumes_optimizer_and_data_position(tmp_path):
+    """The loop itself: a run killed after a save point resumes with the same samples and the same Adam state."""
+    config = TrainConfig(lr=0.1, batch_size=2, max_steps=4, save_every=1, progress=False, warmup_frac=0)
+
+    def run(directory: Path, crash_after: int | None = None) -> tuple[list[list[int]], torch.Tensor]:
+        param = torch.nn.Parameter(torch.zeros(3))
+        seen: list[list[int]] = []
+
+        def loss(batch: list[int]) -> torch.Tensor:
+            if crash_after is not None and len(seen) == crash_after:
+                raise RuntimeError("killed")
+            seen.append(batch)
+            return ((param - float(batch[0])) ** 2).sum()
+
+        with contextlib.suppress(RuntimeError):
+            fit(RunDir(directory, "toy", {}), [("p", param)], list(range(5)), loss, config, desc="toy")
+        return seen, param.detach().clone()
+
+    straight, p_straight = run(tmp_path / "a")
+    first, _ = run(tmp_path / "b", crash_after=2)
+    rest, p_resumed = run(tmp_path / "b")
+    assert len(first) == 2 and first + rest == straight and len(straight) == 4
+    epoch = [i for batch in straight for i in batch][:5]
+    assert sorted(epoch) == [0, 1, 2, 3, 4] and epoch != [0, 1, 2, 3, 4]  # each epoch is a seeded permutation
+    assert torch.equal(p_resumed, p_straight)
+
+
+# -- Stage 2 -----------------------------------------------------------------------------------------------------------
+
+
+def verdict_judge(question: str, ground_truth: str, answer_a: str, answer_b: str) -> tuple[bool, bool]:
+    """A hand-made judge: the reference answer spells the verdicts, e.g. "AY BN" = A right, B wrong."""
+    return ground_truth[1] == "Y", ground_truth[4] == "Y"
+
+
+def test_stage2_mines_exactly_the_regressions_and_trains_decoder_and_lm_head(stage1_dir, items, tmp_path):
+    verdicts = ["AY BN", "AY BY", "AN BN", "AY BN"]
+    labelled = [dataclasses.replace(item, answer=v) for item, v in zip(items, verdicts, strict=True)]
+    config = Stage2Config(roi_thresh=0.0, max_new_tokens=3, batch_size=2, max_steps=2, lr=1e-3, **RUNTIME)
+    out = train_stage2(stage1_dir, labelled, tmp_path / "out", config, judge=verdict_judge)
+    mined = [json.loads(line) for line in (out / "trainer" / "stage2_mined.jsonl").read_text().splitlines()]
+    assert all(r["grid_boxes"] for r in mined)  # τ_roi = 0: every sample was zoomed
+    assert sorted(r["index"] for r in mined if r["regression"]) == [0, 3]
+    before, after = weights(stage1_dir), weights(out)
+    changed = changed_keys(before, after)
+    assert "lm_head.weight" in changed
+    assert any(k.startswith("model.language_model.layers.0.") for k in changed)
+    assert all(k == "lm_head.weight" or k.startswith("model.language_model.layers.") for k in changed)
+    assert len(answers(out, items[:2])) == 2
+
+
+def test_stage2_teacher_forcing_uses_the_inference_sequence(stage1_dir, items):
+    engine = QZoomEngine.from_pretrained(stage1_dir)
+    config = Stage2Config(roi_thresh=0.0, max_new_tokens=3, **RUNTIME)
+    (record,) = mine_regressions(engine, [items[1]], exact_match_judge, config)
+    inference = engine.new_state(items[1].image, items[1].question, config.options(roi_thresh=0.0))
+    engine.prepare([inference])
+    engine.encode([inference])
+    engine.prefill([inference])
+    engine.zoom([inference], engine.propose([inference]))
+    engine.finish([inference])
+    (trained,) = fused_states(engine, [items[1]], [record], config)
+    assert torch.equal(trained.input_ids, inference.input_ids)
+    assert torch.equal(trained.positions, inference.positions)  # aligned M-RoPE, fractional RoI rows included
+    assert torch.equal(trained.embeds, inference.embeds)
+    # A target of just <|im_end|>: the loss is the inference next-token distribution's -log p(<|im_end|>).
+    end = target_ids(engine, "")
+    with torch.no_grad():
+        loss = stage2_loss(engine, [trained], [end], config)
+    expected = -torch.log_softmax(inference.next_logits, -1)[end[0]]
+    torch.testing.assert_close(loss, expected, rtol=1e-4, atol=1e-5)
+
+
+# -- Stage 3 -----------------------------------------------------------------------------------------------------------
+
+
+def test_gate_examples_follow_the_ladder_rules():
+    records = [
+        {"index": 0, "res": [64, 128, 256, 512], "answers": ["no", "k7x", "k7x", "k7x"], "gt": "K7X"},  # transition
+        {"index": 1, "res": [64, 128, 256, 512], "answers": ["red", "red", "red", "red"], "gt": "red"},  # easy
+        {"index": 2, "res": [64, 128, 256, 512], "answers": ["a", "b", "c", "d"], "gt": "d"},  # unstable
+    ]
+    examples, counts = gate_examples(records, Stage3Config(p_refine=1.0))
+    assert counts["transition"] == 1 and counts["easy"] == 1 and counts["unstable"] == 1
+    assert sorted(examples) == [[0, 64, 1], [1, 64, 0]] or sorted(examples) == [[0, 64, 1], [1, 128, 0]]
+
+
+def test_stage3_attaches_and_trains_only_the_gate(tmp_path):
+    # A Stage-1-like model without a gate, on square 256 px canvases: the two top budgets (101 and 110 tokens) both
+    # resize to the same 11x11 grid, so they agree and every ladder is stable; the reference answer is the model's
+    # own top-budget answer, so ladders that differ below are transitions.
+    torch.manual_seed(0)
+    config_hf = enable_qzoom(tiny_qwen25vl_config(build_tokenizer()), twig_K=2, twig_T=2, enable_high_res=False)
+    model = peaked(QZoomQwen2_5_VLForConditionalGeneration(config_hf))
+    model.init_branches_from_backbone()
+    processor = build_processor(build_tokenizer(), min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS)
+    base = save_checkpoint(model, processor, tmp_path / "base")
+    engine = QZoomEngine.from_pretrained(base)
+    assert not engine.has_gate
+    pool = SyntheticItems(6, min_side=256, max_side=256)
+    top = AskOptions(min_pixels=110 * 784, max_pixels=110 * 784, max_new_tokens=2)
+    states = [engine.new_state(item.image, item.question, top) for item in pool]
+    engine.prepare(states)
+    engine.encode(states)
+    engine.prefill(states)
+    engine.finish(states)
+    engine.decode(states)
+    labelled = [dataclasses.replace(item, answer=st.answer) for item, st in zip(pool, states, strict=True)]
+    config = Stage3Config(ladder=[4, 9, 101, 110], max_new_tokens=2, batch_size=2, max_steps=2, lr=1e-3, progress=False)
+    out = train_stage3(base, labelled, tmp_path / "out", config)
+    summary = json.loads((out / "trainer" / "state.json").read_text())["summary"]
+    assert summary["transition"] >= 1 and summary["examples"] >= 1 and summary["positives"] >= 1
+    before, after = weights(base), weights(out)
+    assert not changed_keys(before, after)  # nothing that existed before moved
+    gate = {k for k in after if k not in before}
+    assert gate and all(k.startswith("model.language_model.high_res_") for k in gate)
+    # The gate layers started as copies of layers[K:K+T] (spec §9.6) and were trained away from them.
+    assert not torch.equal(
+        after["model.language_model.high_res_layers.0.mlp.down_proj.weight"],
+        before["model.language_model.layers.2.mlp.down_proj.weight"],
+    )
+    trained = QZoomEngine.from_pretrained(out)
+    assert trained.has_gate
+    assert len(answers(out, pool[:2])) == 2
+
+
+# -- the commands ------------------------------------------------------------------------------------------------------
+
+
+def top_budget_answers(directory: Path, items, tokens: int = 110) -> list[str]:
+    """The model's own coarse answers at the top ladder budget (as Stage-3 reference answers the ladders agree on)."""
+    engine = QZoomEngine.from_pretrained(directory)
+    opts = AskOptions(min_pixels=tokens * 784, max_pixels=tokens * 784, max_new_tokens=2)
+    states = [engine.new_state(item.image, item.question, opts) for item in items]
+    engine.prepare(states)
+    engine.encode(states)
+    engine.prefill(states)
+    engine.finish(states)
+    engine.decode(states)
+    return [st.answer for st in states]
+
+
+def write_jsonl(directory: Path, items, answers_: list[str]) -> Path:
+    directory.mkdir()
+    lines = []
+    for i, (item, answer) in enumerate(zip(items, answers_, strict=True)):
+        item.image.save(directory / f"{i}.png")
+        lines.append(json.dumps({"image": f"{i}.png", "question": item.question, "answer": answer}))
+    (directory / "items.jsonl").write_text("\n".join(lines) + "\n")
+    return directory / "items.jsonl"
+
+
+def test_train_commands_end_to_end(base_dir, items, tmp_path):
+    two = [items[0], items[1]]
+    data = write_jsonl(tmp_path / "data", two, [item.answer for item in two])
+    budget = ["--min-pixels", str(MIN_PIXELS), "--max-pixels", str(MAX_PIXELS), "--max-new-tokens", "2"]
+    steps = ["--max-steps", "1", "--batch-size", "2"]
+    runner = CliRunner()
+    s1, s2, s3 = tmp_path / "s1", tmp_path / "s2", tmp_path / "s3"
+    args = ["train", "stage1", str(base_dir), str(s1), "--heads", "2:0,3:1", "--data", str(data), *steps, *budget]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    summary = next(line for line in result.stdout.splitlines() if line.startswith("{"))
+    assert f"stage 1: wrote {s1}" in result.stdout and json.loads(summary)["steps"] == 1
+    result = runner.invoke(app, ["train", "stage2", str(s1), str(s2), "--data", str(data), *steps, *budget])
+    assert result.exit_code == 0, result.output
+    # Stage 3 from the Stage-1 model on its own top-budget answers: these ladders are stable (see the Stage-3 test).
+    data3 = write_jsonl(tmp_path / "data3", two, top_budget_answers(s1, two))
+    args = ["train", "stage3", str(s1), str(s3), "--data", str(data3), "--ladder", "4,9,101,110", *steps]
+    result = runner.invoke(app, [*args, "--max-new-tokens", "2"])
+    assert result.exit_code == 0, result.output
+    for directory in (s1, s2, s3):
+        assert answers(directory, two[:1])
+    assert QZoomEngine.from_pretrained(s3).has_gate
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--max-steps", "1"], "exactly one data source"),
+        (["--synthetic", "2", "--heads", "2-0"], "LAYER:HEAD"),
+        (["--synthetic", "2", "--lr", "-1"], "lr"),
+    ],
+)
+def test_train_command_errors_name_the_problem(base_dir, tmp_path, args, message):
+    result = CliRunner().invoke(app, ["train", "stage1", str(base_dir), str(tmp_path / "o"), *args])
+    assert result.exit_code == 2 and message in result.output
+
+
+def test_jsonl_errors_name_the_line_and_field(base_dir, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"image": "x.png", "question": "q", "answer": "a"}\n{"image": "x.png", "answer": "a"}\n')
+    result = CliRunner().invoke(app, ["train", "stage2", str(base_dir), str(tmp_path / "o"), "--data", str(bad)])
+    assert result.exit_code == 2 and "bad.jsonl:2" in result.output and "question" in result.output
