@@ -33,7 +33,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
-from torch import nn
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import apply_rotary_pos_emb, repeat_kv
 
 from qzoom.engine import QZoomEngine, SequenceState, _run_layers
@@ -145,7 +144,7 @@ def answer_attention(engine: QZoomEngine, states: Sequence[SequenceState]) -> li
     steps = [0] * len(states)
     layer_of = {id(layer.self_attn): j for j, layer in enumerate(layers)}
 
-    def hook(module: nn.Module, args: Any, kwargs: dict[str, Any], output: Any) -> None:
+    def hook(module: Any, args: Any, kwargs: dict[str, Any], output: Any) -> None:  # a Qwen2_5_VLAttention
         hidden = kwargs["hidden_states"]  # (B, 1, d), already through input_layernorm
         if hidden.shape[1] != 1:
             return

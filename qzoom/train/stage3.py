@@ -119,7 +119,8 @@ def gate_logits(engine: QZoomEngine, states: Sequence[SequenceState]) -> torch.T
     out, _ = _run_layers(engine.gate_layers, engine.lm.rotary_emb, engine.attn_impl, hidden, positions)
     assert engine.gate_head is not None
     last = torch.stack([h[-1] for h in out])  # (B, d): the last prompt token, no final norm
-    return engine.gate_head(last).squeeze(-1)
+    logits: torch.Tensor = engine.gate_head(last).squeeze(-1)
+    return logits
 
 
 def stage3_loss(
