@@ -378,3 +378,33 @@ def test_jsonl_errors_name_the_line_and_field(base_dir, tmp_path):
     bad.write_text('{"image": "x.png", "question": "q", "answer": "a"}\n{"image": "x.png", "answer": "a"}\n')
     result = CliRunner().invoke(app, ["train", "stage2", str(base_dir), str(tmp_path / "o"), "--data", str(bad)])
     assert result.exit_code == 2 and "bad.jsonl:2" in result.output and "question" in result.output
+
+
+def test_losses_run_under_bf16_autocast(base_dir, stage1_dir, items):
+    """The CUDA path (bf16 autocast over float32 weights), exercised on CPU: finite losses, gradients in float32."""
+    from qzoom.train.stage1 import _coarse_states, stage1_loss
+    from qzoom.train.stage3 import gate_logits
+
+    engine = QZoomEngine.from_pretrained(base_dir)
+    engine.model.requires_grad_(True)
+    config = Stage1Config(heads=HEADS, max_new_tokens=3, autocast=True, **RUNTIME)
+    labels = [torch.full(st.blocks[0].grid_hw, -100).index_fill_(1, torch.tensor([0]), 1) for st in
+              _coarse_states(engine, [items[0], items[1]], config.options())]  # fmt: skip
+    loss1 = stage1_loss(engine, [items[0], items[1]], labels, config)
+    with config.autocast_context():
+        states = _coarse_states(engine, [items[0]], config.options())
+        loss3 = torch.nn.functional.binary_cross_entropy_with_logits(gate_logits(engine, states).float(), torch.ones(1))
+    engine2 = QZoomEngine.from_pretrained(stage1_dir)
+    engine2.model.requires_grad_(True)
+    config2 = Stage2Config(max_new_tokens=3, autocast=True, **RUNTIME)
+    (record,) = mine_regressions(engine2, [items[0]], exact_match_judge, config2)
+    record["grid_boxes"] = record["grid_boxes"] or [[0, 0, 2, 2]]
+    loss2 = stage2_loss(
+        engine2, fused_states(engine2, [items[0]], [record], config2), [target_ids(engine2, "ok")], config2
+    )
+    for loss in (loss1, loss2, loss3):
+        assert loss is not None and loss.dtype == torch.float32 and bool(torch.isfinite(loss))
+        loss.backward()
+    twig_grad = engine.lm.twig_layers[0].mlp.down_proj.weight.grad
+    assert twig_grad is not None and twig_grad.dtype == torch.float32 and bool(twig_grad.abs().sum() > 0)
+    assert engine2.model.lm_head.weight.grad is not None
