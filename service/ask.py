@@ -68,7 +68,7 @@ class AskRequest(AskOptions):
 
 ACCEPTED_FIELDS = list(AskRequest.model_fields)
 
-_ERRORS: dict[int | str, dict[str, Any]] = {s: {"model": ErrorBody} for s in (400, 401, 404, 413, 415, 422, 503)}
+_ERRORS: dict[int | str, dict[str, Any]] = {s: {"model": ErrorBody} for s in (400, 401, 403, 404, 413, 415, 422, 503)}
 
 
 def _validate(fields: dict[str, Any]) -> AskRequest:

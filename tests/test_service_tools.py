@@ -382,3 +382,19 @@ def test_image_urls_are_refused_unless_enabled(model, origin):
         for path, extra in [("/ask", {}), ("/v1/tools/zoom", {}), ("/v1/think", {"profile": "deepeyes"})]:
             body = {"image_url": url, "query": "q", **extra}
             assert "QZOOM_IMAGE_URLS" in assert_error(c.post(path, json=body), 403, "image_urls_disabled")["message"]
+
+
+def test_a_checkpoint_without_a_gate_refuses_gate_and_still_proposes():
+    from qzoom.modeling import QZoomQwen2_5_VLForConditionalGeneration, enable_qzoom
+    from qzoom.offline import build_tokenizer, tiny_qwen25vl_config
+    from qzoom.service.app import create_app
+
+    config = enable_qzoom(tiny_qwen25vl_config(build_tokenizer()), twig_K=2, twig_T=2, enable_high_res=False)
+    no_gate = QZoomQwen2_5_VLForConditionalGeneration(config).eval()
+    with TestClient(create_app(factory_for(no_gate), settings())) as c:
+        wait_ready(c)
+        err = assert_error(c.post("/v1/tools/gate", json={"image": b64(PICTURE), "query": "q"}), 422, "not_supported")
+        assert "no gate" in err["message"] and "/v1/tools/propose" in err["message"]
+        r = c.post("/v1/tools/propose", json={"image": b64(PICTURE), "query": "q"})
+        assert r.status_code == 200, r.text
+        assert r.json()["gate_score"] is None

@@ -149,15 +149,10 @@ def build_mcp_server(
 
         async def body() -> CallToolResult:
             args = _validate(GateArgs, arguments, runner)
-            engine = runner.worker.engine
-            if not engine.has_gate:
+            if not runner.worker.engine.has_gate:
                 raise ToolError("this checkpoint has no gate (enable_high_res is false); use propose or zoom")
-            image = runner.load(args.zoom_args(runner))
-            with runner.worker.admit():
-                st = engine.new_state(image, args.query)
-                await runner.worker.call("observe", st)
-                score: float = await runner.worker.call("gate", st)
-            out = {"gate_score": float(score), "needs_detail": bool(score >= st.gate_thresh)}
+            score, threshold = await runner.gate(runner.load(args.zoom_args(runner)), args.query)
+            out = {"gate_score": score, "needs_detail": score >= threshold}
             return _json_result(out)
 
         return await _guarded(body)
