@@ -350,6 +350,7 @@ def train_stage1_cmd(
     synthetic: TrainSynthetic = None,
     heads: Annotated[str | None, typer.Option(help="grounding heads 'L:H,L:H' [';L:H,...' sink heads]")] = None,
     calibration: Annotated[int, typer.Option(min=0, help="items with a box to pick heads automatically")] = 32,
+    top_k_heads: Annotated[int, typer.Option(min=1, help="grounding heads kept by the automatic choice")] = 4,
     calibration_data: Annotated[Path | None, typer.Option(help="JSONL of calibration items with boxes")] = None,
     twig_k: Annotated[int | None, typer.Option("--twig-k", min=1, help="branch point (model without SD-RPN)")] = None,
     twig_t: Annotated[int, typer.Option("--twig-t", min=1, help="twig depth (model without SD-RPN)")] = 3,
@@ -395,9 +396,10 @@ def train_stage1_cmd(
     except ValueError as err:
         _fail(f"--heads: {err}")
     _train_run(
-        "stage 1", Stage1Config, build, heads=parsed, twig_K=twig_k, twig_T=twig_t, lr=lr, batch_size=batch_size,
-        epochs=epochs, max_steps=max_steps, seed=seed, save_every=save_every, device=device, dtype=dtype,
-        min_pixels=min_pixels, max_pixels=max_pixels, max_new_tokens=max_new_tokens, mine_batch_size=mine_batch_size,
+        "stage 1", Stage1Config, build, heads=parsed, top_k_heads=top_k_heads, twig_K=twig_k, twig_T=twig_t, lr=lr,
+        batch_size=batch_size, epochs=epochs, max_steps=max_steps, seed=seed, save_every=save_every, device=device,
+        dtype=dtype, min_pixels=min_pixels, max_pixels=max_pixels, max_new_tokens=max_new_tokens,
+        mine_batch_size=mine_batch_size,
     )  # fmt: skip
 
 

@@ -408,3 +408,30 @@ def test_losses_run_under_bf16_autocast(base_dir, stage1_dir, items):
     twig_grad = engine.lm.twig_layers[0].mlp.down_proj.weight.grad
     assert twig_grad is not None and twig_grad.dtype == torch.float32 and bool(twig_grad.abs().sum() > 0)
     assert engine2.model.lm_head.weight.grad is not None
+
+
+def test_stage2_without_regressions_keeps_the_model_and_llm_judge_errors_are_recorded(stage1_dir, items, tmp_path):
+    """A judge whose replies cannot be parsed (the micro model itself as an LLM judge) marks records, mines nothing;
+    Stage 2 then writes the input model unchanged and says so."""
+    from qzoom.train.labels import llm_judge
+    from qzoom.train.stage2 import hf_chat_generate
+
+    judge = llm_judge(hf_chat_generate(stage1_dir, max_new_tokens=4))
+    config = Stage2Config(max_new_tokens=2, max_steps=1, **RUNTIME)
+    out = train_stage2(stage1_dir, [items[0]], tmp_path / "out", config, judge=judge)
+    (record,) = [json.loads(line) for line in (out / "trainer" / "stage2_mined.jsonl").read_text().splitlines()]
+    assert "judge_error" in record and record["regression"] is False
+    summary = json.loads((out / "trainer" / "state.json").read_text())["summary"]
+    assert summary["regressions"] == 0 and summary["steps"] == 0 and summary["judge_errors"] == 1
+    assert not changed_keys(weights(stage1_dir), weights(out))
+
+
+def test_train_stage1_command_on_synthetic_items_picks_heads(base_dir, tmp_path):
+    out = tmp_path / "s1"
+    args = ["train", "stage1", str(base_dir), str(out), "--synthetic", "4", "--calibration", "3", "--top-k-heads", "2"]
+    args += ["--min-side", "256", "--max-side", "256", "--max-steps", "1", "--max-new-tokens", "2"]
+    args += ["--min-pixels", str(MIN_PIXELS), "--max-pixels", str(MAX_PIXELS)]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    heads = json.loads((out / "config.json").read_text())["qzoom_stage1_heads"]
+    assert heads["source"] == "select_heads_by_localisation on 3 calibration items" and len(heads["grounding"]) == 2
