@@ -32,6 +32,7 @@ from langgraph.graph.state import CompiledStateGraph
 from langgraph.runtime import Runtime
 
 from qzoom.engine import Proposal, SequenceState
+from qzoom.roi import heatmap_rows
 from qzoom.worker import Worker
 
 
@@ -112,7 +113,7 @@ async def propose(state: ZoomGraphState, runtime: Runtime[ZoomContext]) -> dict[
             "step": "propose",
             "request_id": state["request_id"],
             "boxes": boxes,
-            "heatmap": proposal.prob.float().cpu().tolist(),
+            "heatmap": heatmap_rows(proposal.prob),  # the same rows /v1/tools/propose returns
             "heatmap_peak": float(proposal.prob.max()),
             # Where the map lies: the scored image's region of the original, in pixels, and its (rows, cols).
             "heatmap_box": proposal.block.box.as_list(),
