@@ -398,3 +398,16 @@ def test_a_checkpoint_without_a_gate_refuses_gate_and_still_proposes():
         r = c.post("/v1/tools/propose", json={"image": b64(PICTURE), "query": "q"})
         assert r.status_code == 200, r.text
         assert r.json()["gate_score"] is None
+
+
+def test_heatmap_rows_are_json_ready_probabilities():
+    import torch
+
+    from qzoom.roi import heatmap_rows
+
+    prob = torch.tensor([[0.123456, float("nan")], [1.5, -0.2]], dtype=torch.bfloat16)
+    rows = heatmap_rows(prob)
+    assert rows == [[round(float(torch.tensor(0.123456, dtype=torch.bfloat16)), 4), 0.0], [1.0, 0.0]]
+    assert all(type(v) is float for row in rows for v in row)
+    with pytest.raises(ValueError, match="h, w"):
+        heatmap_rows(torch.zeros(3))
