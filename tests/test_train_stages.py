@@ -184,6 +184,16 @@ def test_stage1_resume_continues_from_the_saved_step(base_dir, items, stage1_dir
         train_stage1(base_dir, items, out, config.model_copy(update={"lr": 1e-3}))
 
 
+def test_data_sources_know_their_pixel_digests(items, tmp_path):
+    from qzoom.cache import image_digest
+    from qzoom.train.common import JsonlItems
+
+    assert items[1].digest == image_digest(items[1].image) and items[1].digest != items[0].digest
+    path = write_jsonl(tmp_path / "d", [items[0]], ["x"])
+    (loaded,) = JsonlItems(path)[:]
+    assert loaded.digest == image_digest(loaded.image) and loaded.answer == "x" and loaded.uid == "1"
+
+
 def test_fit_resumes_optimizer_and_data_position(tmp_path):
     """The loop itself: a run killed after a save point resumes with the same samples and the same Adam state."""
     config = TrainConfig(lr=0.1, batch_size=2, max_steps=4, save_every=1, progress=False, warmup_frac=0)

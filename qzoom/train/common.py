@@ -46,8 +46,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from qzoom.cache import image_digest
 from qzoom.checkpoint import load_model, save_checkpoint
-from qzoom.engine import QZoomEngine
+from qzoom.engine import QZoomEngine, SequenceState
 from qzoom.images import load_image
 from qzoom.modeling import QZoomQwen2_5_VLForConditionalGeneration
 from qzoom.offline import OfflineQwen2_5_VLProcessor, load_processor
@@ -67,7 +68,11 @@ class TrainingError(ValueError):
 
 @dataclass(frozen=True)
 class TrainItem:
-    """One (image, question, answer) sample; ``box`` only ranks Stage-1 heads (never a label)."""
+    """One (image, question, answer) sample; ``box`` only ranks Stage-1 heads (never a label).
+
+    ``digest`` is :func:`qzoom.cache.image_digest` of ``image`` when the data source has computed it before: the
+    engine then skips hashing the pixels and, on a feature-cache hit, resizing them (training revisits every item).
+    """
 
     uid: str
     image: Image.Image
@@ -76,6 +81,7 @@ class TrainItem:
     box: Box | None = None
     needs_detail: bool | None = None
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
+    digest: str | None = field(default=None, compare=False)  # the pixels' cache digest, when already known
 
 
 class _Record(BaseModel):
@@ -87,6 +93,14 @@ class _Record(BaseModel):
     box: tuple[int, int, int, int] | None = None
     uid: str | int | None = None
     needs_detail: bool | None = None
+
+
+def _memo_digest(memo: dict[int, str], index: int, image: Image.Image) -> str:
+    # An index of a data source always yields the same pixels (a file, or a pure function of the index), so its
+    # digest is computed once per source object.
+    if index not in memo:
+        memo[index] = image_digest(image)
+    return memo[index]
 
 
 class JsonlItems(Sequence[TrainItem]):
@@ -114,6 +128,7 @@ class JsonlItems(Sequence[TrainItem]):
                 self.records.append(record)
         if not self.records:
             raise TrainingError(f"data file {self.path} holds no items")
+        self._digests: dict[int, str] = {}
 
     def __len__(self) -> int:
         return len(self.records)
@@ -130,14 +145,16 @@ class JsonlItems(Sequence[TrainItem]):
         if not image_path.is_absolute():
             image_path = self.path.parent / image_path
         extra = {k: v for k, v in (record.model_extra or {}).items()}
+        image = load_image(image_path)
         return TrainItem(
             uid=str(record.uid),
-            image=load_image(image_path),
+            image=image,
             question=record.question,
             answer=record.answer,
             box=record.box,
             needs_detail=record.needs_detail,
             extra=extra,
+            digest=_memo_digest(self._digests, index % len(self), image),
         )
 
 
@@ -160,6 +177,7 @@ class SyntheticItems(Sequence[TrainItem]):
         self.n, self.split, self.seed, self.start = n, split, seed, start
         self.families = tuple(families) if families is not None else None
         self.min_side, self.max_side = min_side, max_side
+        self._digests: dict[int, str] = {}
 
     def __len__(self) -> int:
         return self.n
@@ -191,6 +209,7 @@ class SyntheticItems(Sequence[TrainItem]):
             box=item.box,
             needs_detail=item.needs_detail,
             extra={"family": item.family},
+            digest=_memo_digest(self._digests, index % self.n, item.image),
         )
 
 
@@ -584,9 +603,18 @@ def fit(
     return FitResult(steps=total, samples=n, last_loss=last)
 
 
+def new_states(engine: QZoomEngine, items: Sequence[TrainItem], options: AskOptions) -> list[SequenceState]:
+    """Engine states for `items` at `options`, with the pixel digests the data source already knows."""
+    states = [engine.new_state(item.image, item.question, options) for item in items]
+    for st, item in zip(states, items, strict=True):
+        if item.digest is not None:
+            st.digest = item.digest
+    return states
+
+
 def answer_batch(engine: QZoomEngine, items: Sequence[TrainItem], options: AskOptions) -> list[str]:
     """The frozen model's greedy answers on the coarse view alone (no gate, no zoom)."""
-    states = [engine.new_state(item.image, item.question, options) for item in items]
+    states = new_states(engine, items, options)
     engine.prepare(states)
     engine.encode(states)
     engine.prefill(states)

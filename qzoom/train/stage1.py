@@ -50,6 +50,7 @@ from qzoom.train.common import (
     make_engine,
     mine,
     named_trainable,
+    new_states,
     unfreeze,
 )
 from qzoom.train.labels import IGNORE_INDEX, HeadSelection, select_heads_by_localisation, stage1_labels
@@ -184,7 +185,7 @@ def answer_attention(engine: QZoomEngine, states: Sequence[SequenceState]) -> li
 
 
 def _coarse_states(engine: QZoomEngine, items: Sequence[TrainItem], options: AskOptions) -> list[SequenceState]:
-    states = [engine.new_state(item.image, item.question, options) for item in items]
+    states = new_states(engine, items, options)
     engine.prepare(states)
     engine.encode(states)
     engine.prefill(states)

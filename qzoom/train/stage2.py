@@ -47,6 +47,7 @@ from qzoom.train.common import (
     make_engine,
     mine,
     named_trainable,
+    new_states,
     unfreeze,
 )
 from qzoom.train.labels import Judge, exact_match_judge
@@ -109,14 +110,14 @@ def mine_regressions(
     A judge that raises ValueError (an unparsable LLM reply) marks the record ``judge_error`` and not a regression.
     """
     options = config.options(roi_thresh=config.roi_thresh)
-    coarse = [engine.new_state(item.image, item.question, options) for item in items]
+    coarse = new_states(engine, items, options)
     engine.prepare(coarse)
     engine.encode(coarse)
     engine.prefill(coarse)
     engine.finish(coarse)
     engine.decode(coarse)
     # The zoomed pass reuses the coarse pass's vision features and question-independent prefix from the cache.
-    zoomed = [engine.new_state(item.image, item.question, options) for item in items]
+    zoomed = new_states(engine, items, options)
     engine.prepare(zoomed)
     engine.encode(zoomed)
     engine.prefill(zoomed)
@@ -171,7 +172,7 @@ def fused_states(
     engine: QZoomEngine, items: Sequence[TrainItem], records: Sequence[dict[str, Any]], config: Stage2Config
 ) -> list[SequenceState]:
     """The global+RoI prompt of each mined sample, built by the engine's inference steps; no decoder layer runs."""
-    states = [engine.new_state(item.image, item.question, config.options()) for item in items]
+    states = new_states(engine, items, config.options())
     engine.prepare(states)
     engine.encode(states)
     engine.embed(states)

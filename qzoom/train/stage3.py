@@ -43,6 +43,7 @@ from qzoom.train.common import (
     make_engine,
     mine,
     named_trainable,
+    new_states,
     unfreeze,
 )
 from qzoom.train.labels import IGNORE_INDEX, LadderKind, LadderSample, cap_pool, filter_pool, gate_step_label
@@ -130,7 +131,7 @@ def stage3_loss(
     states = []
     for item, (_, budget, _) in zip(items, examples, strict=True):
         pixels = budget * PIXELS_PER_TOKEN
-        states.append(engine.new_state(item.image, item.question, config.options(min_pixels=pixels, max_pixels=pixels)))
+        states += new_states(engine, [item], config.options(min_pixels=pixels, max_pixels=pixels))
     engine.prepare(states)
     engine.encode(states)
     engine.prefill(states)
