@@ -40,7 +40,7 @@ from qzoom.checkpoint import load_model, model_fingerprint
 from qzoom.images import padded_to_aspect
 from qzoom.modeling import QZoomQwen2_5_VLForConditionalGeneration, QZoomSettings, gate_probability, roi_logit_map
 from qzoom.offline import OfflineQwen2_5_VLProcessor, load_processor
-from qzoom.schemas import AskOptions
+from qzoom.schemas import AskOptions, check_prompt_text
 
 Tensor = torch.Tensor
 KV = tuple[Tensor, Tensor]  # (kv_heads, n, head_dim) each, one layer of one sample
@@ -346,7 +346,12 @@ class QZoomEngine:
     def new_state(
         self, image: Image.Image, query: str, options: AskOptions | None = None, system_prompt: str | None = None
     ) -> SequenceState:
-        """A request's state with its budgets and thresholds resolved (request, then checkpoint, then paper)."""
+        """A request's state with its budgets and thresholds resolved (request, then checkpoint, then paper).
+
+        Raises `PromptTextError` when the query or system prompt holds a chat control token such as <|image_pad|>."""
+        check_prompt_text(query, "query")
+        if system_prompt is not None:
+            check_prompt_text(system_prompt, "system_prompt")
         opts = options or AskOptions()
         s = self.settings
         min_px = opts.min_pixels or s.min_pixels or DEFAULT_MIN_PIXELS

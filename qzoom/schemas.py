@@ -4,6 +4,10 @@
 `{answer, zoomed, gate_score, steps[{box, gate_score, visual_tokens}], visual_tokens, timings_ms, model}`, boxes in
 integer pixels of the original image with x1/y1 exclusive. `AskOptions` are the per-request knobs; every default
 reproduces the paper (one box, one step, no margin, the checkpoint's thresholds).
+
+`check_prompt_text` guards the text a caller puts into the prompt (the question, a system prompt): it may not hold the
+chat template's control tokens (`CONTROL_TOKENS`), which would open fake turns or image slots without pixels behind
+them; `PromptTextError` (a `ValueError`) names the field and the token.
 """
 
 from __future__ import annotations
@@ -14,6 +18,26 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 # One LLM token covers 28x28 source pixels on Qwen2.5-VL; budgets are counted in those.
 PIXELS_PER_TOKEN = 28 * 28
+
+# The tokenizer turns these strings into control tokens even inside user text.
+CONTROL_TOKENS = (
+    "<|im_start|>", "<|im_end|>", "<|endoftext|>",
+    "<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>",
+)  # fmt: skip
+
+
+class PromptTextError(ValueError):
+    """Caller text that would change the prompt's structure (see `check_prompt_text`)."""
+
+
+def check_prompt_text(text: str, field: str) -> None:
+    """Raise `PromptTextError` when `text` contains one of `CONTROL_TOKENS`."""
+    for token in CONTROL_TOKENS:
+        if token in text:
+            raise PromptTextError(
+                f"{field}: must not contain the chat template's control token {token} "
+                f"(none of {', '.join(CONTROL_TOKENS)} may appear in caller text)"
+            )
 
 
 class AskOptions(BaseModel):

@@ -23,6 +23,7 @@ from starlette.requests import ClientDisconnect
 
 from qzoom.agent.tool import UnknownImage
 from qzoom.images import ImageError
+from qzoom.schemas import PromptTextError
 from qzoom.worker import Overloaded
 
 log = logging.getLogger(__name__)
@@ -110,6 +111,10 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ImageError)
     async def _image(request: Request, exc: ImageError) -> JSONResponse:
         return error_response(415, "unsupported_image", str(exc))
+
+    @app.exception_handler(PromptTextError)
+    async def _prompt_text(request: Request, exc: PromptTextError) -> JSONResponse:
+        return error_response(422, "invalid_request", str(exc))
 
     @app.exception_handler(UnknownImage)
     async def _unknown_image(request: Request, exc: UnknownImage) -> JSONResponse:
