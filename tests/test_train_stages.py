@@ -115,6 +115,33 @@ def test_answer_attention_equals_hf_generate_attentions(processor, items):
     assert float(ours[2:].amax()) > 0.05  # the peaked layers do localise: a non-trivial comparison
 
 
+def test_answer_attention_in_a_ragged_batch_equals_each_alone(base_dir):
+    engine = QZoomEngine.from_pretrained(base_dir)
+    # Different grids, prompts and answer lengths: the short answer stops feeding tokens while the other decodes on.
+    wide, tall = SyntheticItems(2, min_side=256, max_side=400, seed=3)
+    tokens = {wide.uid: 5, tall.uid: 2}
+
+    def maps(chosen: list) -> list:
+        states = [
+            engine.new_state(
+                item.image,
+                item.question,
+                AskOptions(min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS, max_new_tokens=tokens[item.uid]),
+            )
+            for item in chosen
+        ]
+        engine.prepare(states)
+        engine.encode(states)
+        engine.prefill(states)
+        engine.finish(states)
+        return answer_attention(engine, states)
+
+    together = maps([wide, tall])
+    for alone, batched in zip(maps([wide]) + maps([tall]), together, strict=True):
+        assert alone is not None and batched is not None and alone.shape == batched.shape
+        torch.testing.assert_close(batched, alone, rtol=1e-4, atol=1e-6)
+
+
 def test_stage1_trains_only_the_twig_and_records_heads(base_dir, stage1_dir, items):
     before, after = weights(base_dir), weights(stage1_dir)
     changed = changed_keys(before, after)
