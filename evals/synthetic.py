@@ -91,6 +91,7 @@ __all__ = [
     "coarse_view",
     "crop_around",
     "crop_box_around",
+    "crop_with_answer",
     "exact_match",
     "export",
     "generate_item",
@@ -782,6 +783,35 @@ def crop_box_around(item: SyntheticItem, size: int, *, rng: random.Random | None
 def crop_around(item: SyntheticItem, size: int, *, rng: random.Random | None = None) -> Image.Image:
     """The native-resolution crop of :func:`crop_box_around` (no resampling: what a perfect zoom would show)."""
     return item.image.crop(crop_box_around(item, size, rng=rng))
+
+
+def crop_with_answer(
+    item: SyntheticItem, box: Sequence[int], answer: str | None = None, *, origin: tuple[int, int] = (0, 0)
+) -> Image.Image:
+    """The native crop ``box`` (canvas pixels) of ``item``'s image, with the target plate showing ``answer`` when one
+    is given.
+
+    The same pixels as cropping :func:`with_answer` of the item, without copying the whole canvas: a training loop can
+    turn one rendered scene into many examples at the cost of a crop. ``origin`` is the canvas position of
+    ``item.image``'s top-left pixel when the item keeps only a region of its canvas (a training pool holds the
+    neighbourhood of the target, not a 4096 px canvas); ``box`` must lie in that region. Detail families only when
+    ``answer`` is set.
+    """
+    x0, y0, x1, y1 = (int(v) for v in box)
+    ox, oy = origin
+    crop = item.image.crop((x0 - ox, y0 - oy, x1 - ox, y1 - oy))
+    if answer is None:
+        return crop
+    scene = item.scene
+    if scene.target is None:
+        raise ValueError(f"{item.family!r} items have no detail target to change")
+    if answer not in ANSWER_VOCAB[item.family]:
+        raise ValueError(f"{answer!r} is not an answer of family {item.family!r}")
+    plate = scene.plates[scene.target]
+    px0, py0, px1, py1 = plate.box
+    moved = dataclasses.replace(plate, value=answer, box=(px0 - x0, py0 - y0, px1 - x0, py1 - y0))
+    _draw_plate(crop, ImageDraw.Draw(crop), moved)
+    return crop
 
 
 # ----------------------------------------------------------------------------------------------------------- scoring

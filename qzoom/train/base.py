@@ -1,0 +1,535 @@
+"""Training the demo model's backbone from scratch on the synthetic high-res benchmark (spec/offline_stack.md §4).
+
+Contract:
+
+* :func:`build_demo_model` makes a randomly initialised Qwen2.5-VL of a few million parameters (the stock
+  architecture: windowed ViT, 2x2 merger, M-RoPE, GQA) with the byte tokenizer and the offline processor, and the
+  Q-Zoom branch fields in its config (the branches are copied from the backbone after training; Stages 1-3 train
+  them). Its pixel budget is the benchmark's small one: at most :data:`~qzoom.evals.synthetic.COARSE_TOKENS` merged
+  tokens per view, and as few as :data:`MIN_VIEW_TOKENS` so that a small zoom crop is not upsampled.
+* :func:`train_base` trains it on the benchmark's *train* split with a curriculum and writes an HF checkpoint:
+  phase 1 shows only native-resolution crops around the target (short sequences, several steps a second: the §4
+  finding that this is what gets a from-scratch model off the ground); phase 2 mixes those crops with the coarse
+  view alone for the coarse families (colour, count) and with the fused sequence Q-Zoom feeds (coarse view + a
+  native crop spliced after it with the engine's aligned M-RoPE positions) for every family. The coarse view is
+  never paired with a detail answer alone: the detail is not in its pixels, so such examples are label noise.
+  The loss is on the answer tokens and ``<|im_end|>`` only. Seeded: the same recipe gives the same weights as far as
+  torch's CPU kernels are deterministic.
+* :func:`view_accuracy` is the quick teacher-forced check used between phases: greedy decoding reproduces the answer
+  exactly when the argmax at every answer position is the answer's token, so one forward pass scores a batch.
+
+Every sequence is built by the inference engine's own steps (``prepare``, ``embed``, ``splice``), so training sees
+exactly the token layout and positions that ``qzoom ask`` produces.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import random
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+from PIL import Image
+from tqdm import tqdm
+from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
+
+from qzoom import roi
+from qzoom.checkpoint import save_checkpoint
+from qzoom.engine import MIN_BOX_SIDE, Proposal, QZoomEngine, SequenceState
+from qzoom.evals.synthetic import (
+    ANSWER_VOCAB,
+    COARSE_FAMILIES,
+    COARSE_TOKENS,
+    DETAIL_FAMILIES,
+    FAMILIES,
+    PATCH_PX,
+    SyntheticItem,
+    crop_box_around,
+    crop_with_answer,
+    generate_item,
+    iterate,
+)
+from qzoom.modeling import QZoomQwen2_5_VLForConditionalGeneration, enable_qzoom
+from qzoom.offline import OfflineQwen2_5_VLProcessor, build_processor, build_tokenizer, tiny_qwen25vl_config
+from qzoom.schemas import AskOptions
+
+MIN_VIEW_TOKENS = 4  # a 56x56 crop stays at native resolution instead of being upsampled to the coarse budget
+View = Literal["crop", "coarse", "fused"]
+
+
+@dataclass(frozen=True)
+class BaseRecipe:
+    """Everything that determines the base model; the defaults are the shipped ``qzoom-tiny``."""
+
+    seed: int = 0
+    families: tuple[str, ...] = FAMILIES  # benchmark families trained on
+    hidden_size: int = 128
+    num_layers: int = 4
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    vision_hidden_size: int = 64
+    vision_depth: int = 2
+    vision_heads: int = 2
+    twig_k: int = 2  # the SD-RPN and the gate branch after layer K (KV reuse below it)
+    twig_t: int = 2
+    lr: float = 5e-4  # §4: 2e-3 collapses to the class prior
+    weight_decay: float = 0.01
+    warmup_steps: int = 20
+    batch_size: int = 16
+    crop_steps: int = 400  # phase 1: native crops only
+    mixed_steps: int = 600  # phase 2: crops, coarse views of coarse families, fused sequences
+    pool_size: int = 160  # benchmark items held at once; `refresh` of them are replaced by new ones every step
+    refresh: int = 2
+    crop_min: int = 96  # side of the native crops, pixels: up to `crop_max_phase1` in phase 1 (short sequences
+    crop_max_phase1: int = 224  # first), up to `crop_max` later (the largest zoom boxes of a 4096 px canvas)
+    crop_max: int = 448
+    # Phase-2 batch mix: detail crops, fused sequences (detail and coarse families), coarse views (coarse families)
+    mix_crop: float = 0.25
+    mix_fused: float = 0.5  # the rest: coarse views
+    coarse_detail_frac: float = 0.25  # of the coarse views, detail questions (see `_draw_batch`)
+
+    @property
+    def max_pixels(self) -> int:
+        return COARSE_TOKENS * PATCH_PX * PATCH_PX
+
+    @property
+    def min_pixels(self) -> int:
+        return MIN_VIEW_TOKENS * PATCH_PX * PATCH_PX
+
+
+def build_demo_model(recipe: BaseRecipe) -> tuple[QZoomQwen2_5_VLForConditionalGeneration, OfflineQwen2_5_VLProcessor]:
+    """A randomly initialised (seeded) demo model and its processor, at the benchmark's small pixel budget."""
+    tok = build_tokenizer()
+    config = tiny_qwen25vl_config(
+        tok,
+        hidden_size=recipe.hidden_size,
+        num_hidden_layers=recipe.num_layers,
+        num_attention_heads=recipe.num_heads,
+        num_key_value_heads=recipe.num_kv_heads,
+        vision_hidden_size=recipe.vision_hidden_size,
+        vision_depth=recipe.vision_depth,
+        vision_heads=recipe.vision_heads,
+    )
+    enable_qzoom(config, twig_K=recipe.twig_k, twig_T=recipe.twig_t)
+    config.min_pixels = recipe.min_pixels
+    config.max_pixels = recipe.max_pixels
+    torch.manual_seed(recipe.seed)
+    model = QZoomQwen2_5_VLForConditionalGeneration(config)
+    processor = build_processor(tok, min_pixels=recipe.min_pixels, max_pixels=recipe.max_pixels)
+    return model, processor
+
+
+# ---------------------------------------------------------------------------------------------------- examples
+
+
+@dataclass
+class Example:
+    """One teacher-forced sequence: prompt + answer + <|im_end|>, its positions, its images' pixels."""
+
+    input_ids: torch.Tensor  # (n,)
+    positions: torch.Tensor  # (3, n) float32 M-RoPE
+    labels: torch.Tensor  # (n,) -100 except the answer tokens and <|im_end|>
+    pixel_values: list[torch.Tensor]  # per image (patches, dim), in sequence order
+    grids: list[torch.Tensor]  # per image (3,)
+    family: str
+    view: View
+
+
+@dataclass
+class PoolItem:
+    """What training keeps of a benchmark item: its coarse view and, for detail items, the target's neighbourhood at
+    native resolution (a 4096 px canvas is 50 MB; this is a few).
+
+    ``item.image`` is the neighbourhood, whose top-left pixel sits at ``origin`` on the canvas; ``item.canvas``,
+    ``item.box`` and ``item.scene`` keep canvas coordinates. Coarse items carry ``zoom``: the crop of their ground-truth
+    region at the view budget, and its grid box (what a zoom on them would show).
+    """
+
+    item: SyntheticItem
+    origin: tuple[int, int]
+    coarse: Image.Image  # the whole canvas at the budget, resized exactly as the processor would
+    grid_hw: tuple[int, int]
+    zoom: tuple[Image.Image, roi.GridBox] | None = None
+
+
+def _budget_size(wh: tuple[int, int], min_pixels: int, max_pixels: int) -> tuple[int, int]:
+    h, w = smart_resize(wh[1], wh[0], factor=PATCH_PX, min_pixels=min_pixels, max_pixels=max_pixels)
+    return w, h
+
+
+def pool_item(item: SyntheticItem, min_pixels: int, max_pixels: int, reach: int) -> PoolItem:
+    """Shrink ``item`` to what the examples need; crops reach at most ``reach`` pixels beyond the target's box."""
+    coarse_wh = _budget_size(item.canvas, min_pixels, max_pixels)
+    coarse = item.image.resize(coarse_wh, Image.Resampling.BICUBIC)  # the PIL processor's resample
+    grid_hw = (coarse_wh[1] // PATCH_PX, coarse_wh[0] // PATCH_PX)
+    width, height = item.canvas
+    if item.needs_detail:
+        # A fused example's box is the target's cells grown by up to one cell per side, each cell up to this big.
+        cell = max(width / grid_hw[1], height / grid_hw[0])
+        pad = max(reach, math.ceil(2 * cell) + PATCH_PX)
+        x0, y0, x1, y1 = item.box
+        region = (max(0, x0 - pad), max(0, y0 - pad), min(width, x1 + pad), min(height, y1 + pad))
+        kept = dataclasses.replace(item, image=item.image.crop(region))
+        return PoolItem(kept, (region[0], region[1]), coarse, grid_hw)
+    grid_box = _grid_box_around(item.box, grid_hw, item.canvas, None)
+    box = roi.grid_box_to_pixels(grid_box, grid_hw, item.canvas, min_side=MIN_BOX_SIDE).as_list()
+    crop = item.image.crop(box)
+    zoom = crop.resize(_budget_size(crop.size, min_pixels, max_pixels), Image.Resampling.BICUBIC)
+    kept = dataclasses.replace(item, image=Image.new("RGB", (1, 1)))
+    return PoolItem(kept, (0, 0), coarse, grid_hw, (zoom, grid_box))
+
+
+def _grid_box_around(
+    box: tuple[int, int, int, int], grid_hw: tuple[int, int], wh: tuple[int, int], rng: random.Random | None
+) -> roi.GridBox:
+    """The coarse-grid cells covering ``box``, grown by 0-1 cells per side at random (``rng``), or not at all: what
+    an SD-RPN that found the target proposes (its thresholded blob is rarely tight)."""
+    x0, y0, x1, y1 = box
+    gh, gw = grid_hw
+    w, h = wh
+
+    def grow() -> int:
+        return rng.randint(0, 1) if rng is not None else 0
+
+    cx0 = max(0, math.floor(x0 * gw / w) - grow())
+    cy0 = max(0, math.floor(y0 * gh / h) - grow())
+    cx1 = min(gw, math.ceil(x1 * gw / w) + grow())
+    cy1 = min(gh, math.ceil(y1 * gh / h) + grow())
+    return roi.GridBox(cx0, cy0, max(cx1, cx0 + 1), max(cy1, cy0 + 1))
+
+
+class ExampleBuilder:
+    """Builds teacher-forced examples with the engine's own prompt, splice and positions."""
+
+    def __init__(self, engine: QZoomEngine, min_pixels: int, max_pixels: int) -> None:
+        self.engine = engine
+        self.min_pixels = min_pixels
+        self.max_pixels = max_pixels
+        self.options = AskOptions(min_pixels=min_pixels, max_pixels=max_pixels)
+        tok = engine.processor.tokenizer
+        self.tokenizer = tok
+        self.end_id = int(tok.convert_tokens_to_ids("<|im_end|>"))
+        self.hidden = int(engine.model.config.text_config.hidden_size)
+        self.merge = int(engine.model.config.vision_config.spatial_merge_size)
+
+    def _state(self, image: Image.Image, question: str) -> SequenceState:
+        """prepare + embed with placeholder features: ids, positions and image blocks, no ViT or decoder layer.
+
+        ``image`` may be the coarse view instead of the canvas: it has the same grid, which is all that matters here.
+        """
+        st = self.engine.new_state(image, question, self.options)
+        st.digest = "training"  # no cache is consulted; skips hashing the pixels
+        self.engine.prepare([st])
+        st.image_features = torch.zeros(int(st.grid_thw.prod()) // self.merge**2, self.hidden)
+        self.engine.embed([st])
+        return st
+
+    def _finish(
+        self,
+        st: SequenceState,
+        answer: str,
+        pixels: list[torch.Tensor],
+        grids: list[torch.Tensor],
+        family: str,
+        view: View,
+    ) -> Example:
+        answer_ids = self.tokenizer(answer, add_special_tokens=False)["input_ids"] + [self.end_id]
+        n_prompt = int(st.input_ids.shape[0])
+        ids = torch.cat([st.input_ids, torch.tensor(answer_ids, dtype=torch.long)])
+        # Text after the prompt advances all three M-RoPE axes together, one per token (as decoding does).
+        last = st.positions[:, -1:].clone()
+        tail = last + torch.arange(1, len(answer_ids) + 1, dtype=torch.float32)[None, :]
+        positions = torch.cat([st.positions.clone(), tail], dim=1)
+        labels = torch.full_like(ids, -100)
+        labels[n_prompt:] = ids[n_prompt:]
+        return Example(ids, positions, labels, pixels, grids, family, view)
+
+    def single(self, image: Image.Image, question: str, answer: str, family: str, view: View) -> Example:
+        """One image (a crop, or the coarse view) and the question."""
+        st = self._state(image, question)
+        pixels, grid = self.engine._preprocess(image, self.min_pixels, self.max_pixels)
+        return self._finish(st, answer, [pixels], [grid], family, view)
+
+    def fused(self, p: PoolItem, rng: random.Random | None, answer: str | None = None) -> Example:
+        """The coarse view with a native crop spliced after it, exactly as a zoom step does (``engine.splice``)."""
+        item = p.item
+        st = self._state(p.coarse, item.question)
+        block = st.blocks[0]
+        if p.zoom is not None:
+            crop, grid_box = p.zoom
+        else:
+            grid_box = _grid_box_around(item.box, p.grid_hw, item.canvas, rng)
+            box = roi.grid_box_to_pixels(grid_box, p.grid_hw, item.canvas, min_side=MIN_BOX_SIDE).as_list()
+            crop = crop_with_answer(item, box, answer, origin=p.origin)
+        pixel_box = roi.grid_box_to_pixels(grid_box, p.grid_hw, item.canvas, min_side=MIN_BOX_SIDE)
+        crop_pixels, crop_grid = self.engine._preprocess(crop, self.min_pixels, self.max_pixels)
+        n_crop = int(crop_grid.prod()) // self.merge**2
+        empty = torch.empty(0)
+        self.engine.splice(
+            st, Proposal(block, empty, empty, [grid_box], [pixel_box]), [(torch.zeros(n_crop, self.hidden), crop_grid)]
+        )
+        coarse_pixels, coarse_grid = self.engine._preprocess(p.coarse, self.min_pixels, self.max_pixels)
+        return self._finish(
+            st, answer or item.answer, [coarse_pixels, crop_pixels], [coarse_grid, crop_grid], item.family, "fused"
+        )
+
+    def crop(self, p: PoolItem, side: int, rng: random.Random | None, answer: str | None = None) -> Example:
+        """A native crop of about ``side`` px containing the target (at a random offset with ``rng``), alone.
+
+        The side is snapped to a multiple of the 28 px token, so the processor does not resample the crop: 1-px
+        patterns and 10-px glyphs reach the ViT intact (fused examples show the resampled crops of real boxes)."""
+        item = p.item
+        side = max(2 * PATCH_PX, PATCH_PX * round(side / PATCH_PX))
+        box = crop_box_around(item, side, rng=rng)
+        image = crop_with_answer(item, box, answer, origin=p.origin)
+        return self.single(image, item.question, answer or item.answer, item.family, "crop")
+
+    def make(self, p: PoolItem, view: View, rng: random.Random, crop_range: tuple[int, int]) -> Example:
+        """An example of ``view``; detail crops show a fresh random answer drawn on the target."""
+        answer = _fresh_answer(p.item, rng)
+        if view == "fused":
+            return self.fused(p, rng, answer)
+        if view == "coarse":
+            return self.single(p.coarse, p.item.question, p.item.answer, p.item.family, view)
+        return self.crop(p, rng.randint(*crop_range), rng, answer)
+
+
+def _fresh_answer(item: SyntheticItem, rng: random.Random) -> str | None:
+    """A random answer of the item's detail family, different from the other plates' (None for coarse families).
+
+    Drawing it on the target plate turns one rendered scene into many examples: rendering costs tens of
+    milliseconds, redrawing one plate in a crop a fraction of one.
+    """
+    if item.family not in DETAIL_FAMILIES or item.scene.target is None:
+        return None
+    others = {p.value for i, p in enumerate(item.scene.plates) if i != item.scene.target}
+    while True:
+        answer = rng.choice(ANSWER_VOCAB[item.family])
+        if answer not in others:
+            return answer
+
+
+def collate(examples: Sequence[Example], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded batch for the stock forward; images in sequence order (the order their tokens are filled)."""
+    n = max(int(e.input_ids.shape[0]) for e in examples)
+    b = len(examples)
+    ids = torch.full((b, n), pad_id, dtype=torch.long)
+    labels = torch.full((b, n), -100, dtype=torch.long)
+    mask = torch.zeros((b, n), dtype=torch.long)
+    positions = torch.zeros((3, b, n), dtype=torch.float32)
+    for i, e in enumerate(examples):
+        m = int(e.input_ids.shape[0])
+        ids[i, :m] = e.input_ids
+        labels[i, :m] = e.labels
+        mask[i, :m] = 1
+        positions[:, i, :m] = e.positions
+    return {
+        "input_ids": ids,
+        "attention_mask": mask,
+        "labels": labels,
+        "position_ids": positions,
+        "pixel_values": torch.cat([p for e in examples for p in e.pixel_values]),
+        "image_grid_thw": torch.stack([g for e in examples for g in e.grids]),
+    }
+
+
+def answer_loss_and_hits(
+    model: QZoomQwen2_5_VLForConditionalGeneration, batch: dict[str, torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean cross-entropy over the answer tokens, and per sample whether every answer token is the argmax."""
+    out = model(
+        input_ids=batch["input_ids"],
+        attention_mask=batch["attention_mask"],
+        position_ids=batch["position_ids"],
+        pixel_values=batch["pixel_values"],
+        image_grid_thw=batch["image_grid_thw"],
+    )
+    logits = out.logits[:, :-1].float()  # (B, n-1, V): position i predicts token i + 1
+    target = batch["labels"][:, 1:]  # (B, n-1)
+    loss = torch.nn.functional.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=-100
+    )
+    scored = target != -100
+    correct = (logits.argmax(-1) == target) | ~scored
+    return loss, correct.all(dim=1)
+
+
+# ------------------------------------------------------------------------------------------------------- training
+
+
+class ItemPool:
+    """A rolling pool of train-split items, refreshed a few at a time (rendering costs ~60 ms an item)."""
+
+    def __init__(
+        self, recipe: BaseRecipe, families: Sequence[str], start: int, desc: str, progress: bool = True
+    ) -> None:
+        self.recipe = recipe
+        self.families = tuple(families)
+        self.next_index = start
+        self.items = [self._new() for _ in tqdm(range(recipe.pool_size), desc=desc, disable=not progress, leave=False)]
+        self.cursor = 0
+
+    def _new(self) -> PoolItem:
+        r = self.recipe
+        item = generate_item("train", self.next_index, seed=r.seed, families=self.families)
+        self.next_index += 1
+        return pool_item(item, r.min_pixels, r.max_pixels, reach=r.crop_max)
+
+    def refresh(self, count: int) -> None:
+        for _ in range(count):
+            self.items[self.cursor] = self._new()
+            self.cursor = (self.cursor + 1) % len(self.items)
+
+
+def _lr_at(step: int, total: int, recipe: BaseRecipe) -> float:
+    if step < recipe.warmup_steps:
+        return recipe.lr * (step + 1) / recipe.warmup_steps
+    progress = (step - recipe.warmup_steps) / max(1, total - recipe.warmup_steps)
+    return recipe.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def _draw_batch(
+    builder: ExampleBuilder, pools: dict[str, ItemPool], rng: random.Random, recipe: BaseRecipe, phase: int
+) -> list[Example]:
+    examples = []
+    n_fam = len(FAMILIES)
+    coarse_share = len(COARSE_FAMILIES) / n_fam
+    for _ in range(recipe.batch_size):
+        r = rng.random()
+        if phase == 1 or r < recipe.mix_crop:
+            view: View = "crop"
+            pool = pools["detail"]
+        elif r < recipe.mix_crop + recipe.mix_fused:
+            view = "fused"
+            pool = pools["coarse"] if rng.random() < coarse_share else pools["detail"]
+        else:
+            # Mostly the coarse families; a few detail questions on the coarse view too, so that the model learns to
+            # look at the plate the question names there (Stage 1 distils the SD-RPN from that attention).
+            view = "coarse"
+            pool = pools["detail"] if rng.random() < recipe.coarse_detail_frac else pools["coarse"]
+        crop_max = recipe.crop_max_phase1 if phase == 1 else recipe.crop_max
+        examples.append(builder.make(rng.choice(pool.items), view, rng, (recipe.crop_min, crop_max)))
+    return examples
+
+
+def train_base(
+    out_dir: str | Path,
+    recipe: BaseRecipe | None = None,
+    *,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+    check_items: int = 0,
+) -> Path:
+    """Train the demo backbone from scratch (see the module docstring) and save it to ``out_dir``.
+
+    ``check_items``: that many val-split items are scored per view (:func:`view_accuracy`) after each phase.
+    """
+    recipe = recipe or BaseRecipe()
+    torch.manual_seed(recipe.seed)
+    rng = random.Random(recipe.seed)
+    model, processor = build_demo_model(recipe)
+    engine = QZoomEngine(model, processor, name="qzoom-tiny-base")
+    model.train()
+    builder = ExampleBuilder(engine, recipe.min_pixels, recipe.max_pixels)
+    detail = tuple(f for f in recipe.families if f in DETAIL_FAMILIES)
+    coarse = tuple(f for f in recipe.families if f in COARSE_FAMILIES) or detail
+    # Disjoint index ranges of the train split per pool, so the two pools never draw the same item.
+    pools = {
+        "detail": ItemPool(recipe, detail, start=0, desc="render (detail)", progress=progress),
+        "coarse": ItemPool(recipe, coarse, start=10_000_000, desc="render (coarse)", progress=progress),
+    }
+    params = [p for n, p in model.named_parameters() if not _is_branch(n)]
+    optimizer = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=recipe.weight_decay)
+    total = recipe.crop_steps + recipe.mixed_steps
+    pad_id = engine.pad_id
+    started = time.perf_counter()
+    ema: float | None = None
+    bar = tqdm(range(total), desc="base", disable=not progress, dynamic_ncols=True)
+    checks = list(iterate("val", check_items, seed=recipe.seed)) if check_items else []
+    for step in bar:
+        phase = 1 if step < recipe.crop_steps else 2
+        if checks and step == recipe.crop_steps:
+            _log_checks(engine, checks, log, "after phase 1")
+        active = ("detail",) if phase == 1 else ("detail", "coarse")
+        for name in active:
+            pools[name].refresh(recipe.refresh)
+        batch = collate(_draw_batch(builder, pools, rng, recipe, phase), pad_id)
+        for group in optimizer.param_groups:
+            group["lr"] = _lr_at(step, total, recipe)
+        loss, _ = answer_loss_and_hits(model, batch)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        value = loss.item()
+        ema = value if ema is None else 0.95 * ema + 0.05 * value
+        bar.set_postfix(phase=phase, loss=f"{ema:.3f}")
+        if not progress and (step + 1) % 50 == 0:
+            log(f"base step {step + 1}/{total} phase {phase} loss {ema:.4f} {time.perf_counter() - started:.0f}s")
+    log(f"base: {total} steps in {time.perf_counter() - started:.0f} s, final loss (EMA) {ema:.4f}")
+    if checks:
+        _log_checks(engine, checks, log, "final")
+    model.eval()
+    model.init_branches_from_backbone()
+    model.config.qzoom_base_recipe = asdict(recipe)
+    return save_checkpoint(model, processor, out_dir)
+
+
+def _log_checks(engine: QZoomEngine, items: Sequence[SyntheticItem], log: Callable[[str], None], when: str) -> None:
+    for view in ("crop", "fused", "coarse"):
+        acc = view_accuracy(engine, items, view)  # type: ignore[arg-type]
+        log(f"base {when}: {view:<6} " + " ".join(f"{k} {v:.2f}" for k, v in acc.items()))
+
+
+def _is_branch(name: str) -> bool:
+    return any(part in name for part in ("twig_layers", "high_res_layers", "high_res_head"))
+
+
+# --------------------------------------------------------------------------------------------------------- checks
+
+
+def iter_batches(examples: Sequence[Example], size: int) -> Iterator[Sequence[Example]]:
+    for i in range(0, len(examples), size):
+        yield examples[i : i + size]
+
+
+@torch.no_grad()
+def view_accuracy(
+    engine: QZoomEngine,
+    items: Sequence[SyntheticItem],
+    view: View,
+    *,
+    crop_size: int = 224,
+    batch_size: int = 16,
+) -> dict[str, float]:
+    """Teacher-forced exact match per family of ``view`` on ``items`` (greedy decoding gives the same verdict).
+
+    ``crop``: a ``crop_size`` native crop centred on the target; ``coarse``: the whole image at the model's
+    budget; ``fused``: coarse view + the crop of the target's coarse-grid cells, spliced as a zoom step would.
+    """
+    settings = engine.settings
+    min_px, max_px = settings.min_pixels or 4 * PATCH_PX**2, settings.max_pixels or COARSE_TOKENS * PATCH_PX**2
+    builder = ExampleBuilder(engine, min_px, max_px)
+    examples = []
+    for item in items:
+        p = pool_item(item, min_px, max_px, reach=crop_size)
+        if view == "crop":
+            examples.append(builder.crop(p, crop_size, None))
+        elif view == "coarse":
+            examples.append(builder.single(p.coarse, item.question, item.answer, item.family, "coarse"))
+        else:
+            examples.append(builder.fused(p, None))
+    hits: dict[str, list[bool]] = {}
+    was_training = engine.model.training
+    engine.model.eval()
+    for chunk in iter_batches(examples, batch_size):
+        _, ok = answer_loss_and_hits(engine.model, collate(chunk, engine.pad_id))
+        for e, good in zip(chunk, ok.tolist(), strict=True):
+            hits.setdefault(e.family, []).append(bool(good))
+    engine.model.train(was_training)
+    return {family: sum(v) / len(v) for family, v in sorted(hits.items())}

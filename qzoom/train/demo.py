@@ -1,0 +1,126 @@
+"""`qzoom train demo`: the shipped `qzoom-tiny` checkpoint, reproduced from scratch on CPU.
+
+Contract of :func:`train_demo`: from nothing but this package (no hub, no files), in order, each step writing an HF
+checkpoint directory under ``work_dir``:
+
+1. ``base``: :func:`qzoom.train.base.train_base`, the Qwen2.5-VL backbone from scratch on the synthetic benchmark's
+   train split with the crop-first curriculum.
+2. ``stage1``: :func:`qzoom.train.stage1.train_stage1`, the SD-RPN distilled from the base model's own
+   answer->image attention on the coarse view (heads picked on calibration items with boxes).
+3. ``stage2``: :func:`qzoom.train.stage2.train_stage2`, targeted post-SFT on the samples that zooming regressed.
+4. ``stage3``: :func:`qzoom.train.stage3.train_stage3`, the gate, on consistency-filtered coarse-vs-zoom labels.
+
+The last checkpoint is copied to ``out`` with a ``training.json`` (recipe, item ranges, seconds per step); every
+step is seeded, the stages are resumable (rerunning continues where it stopped). All items come from the train
+split; ``qzoom eval demo`` measures on the test split.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from qzoom.train.base import BaseRecipe, train_base
+from qzoom.train.common import SyntheticItems
+from qzoom.train.stage1 import Stage1Config, train_stage1
+from qzoom.train.stage2 import Stage2Config, synthetic_judge, train_stage2
+from qzoom.train.stage3 import Stage3Config, train_stage3
+
+# Disjoint index ranges of the train split (the base model's own pools start at 0 and 10,000,000).
+STAGE1_START = 30_000_000
+CALIBRATION_START = 31_000_000
+STAGE2_START = 32_000_000
+STAGE3_START = 33_000_000
+
+
+class DemoRecipe(BaseModel):
+    """The whole recipe of the shipped checkpoint; its defaults are what ``qzoom train demo`` runs."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    seed: int = 0
+    threads: int = Field(2, ge=1, description="torch CPU threads")
+    stage1_items: int = Field(320, ge=2)
+    calibration_items: int = Field(40, ge=2)
+    stage1: Stage1Config = Field(default_factory=lambda: Stage1Config(lr=1e-3, batch_size=8, epochs=2.0))
+    stage2_items: int = Field(210, ge=1)
+    stage2: Stage2Config = Field(default_factory=lambda: Stage2Config(lr=5e-5, batch_size=8, epochs=1.0))
+    stage3_items: int = Field(280, ge=1)
+    # Small canvases for the gate's ladders: there the whole image at 576-1024 tokens is near native resolution, so
+    # detail questions show the wrong-then-right transitions that make the gate's positive labels (spec §5.2).
+    stage3_max_side: int = Field(1400, ge=896)
+    stage3: Stage3Config = Field(
+        default_factory=lambda: Stage3Config(lr=1e-3, batch_size=8, epochs=3.0, ladder=[64, 128, 256, 576, 1024])
+    )
+
+
+def train_demo(
+    out: str | Path,
+    *,
+    work_dir: str | Path | None = None,
+    recipe: DemoRecipe | None = None,
+    base: BaseRecipe | None = None,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+) -> Path:
+    """Train the demo model from scratch into ``out`` (see the module docstring); returns ``out``."""
+    recipe = recipe or DemoRecipe()
+    base = base or BaseRecipe(seed=recipe.seed)
+    out = Path(out)
+    work = Path(work_dir) if work_dir is not None else out.with_name(out.name + ".work")
+    work.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(recipe.threads)
+    seconds: dict[str, float] = {}
+
+    def timed(name: str, fn: Callable[[], Path]) -> Path:
+        start = time.perf_counter()
+        path = fn()
+        seconds[name] = round(time.perf_counter() - start, 1)
+        log(f"demo: {name} done in {seconds[name]:.0f} s -> {path}")
+        return path
+
+    base_dir = work / "base"
+    if (base_dir / "config.json").exists():
+        log(f"demo: reusing the base model in {base_dir}")
+    else:
+        timed("base", lambda: train_base(base_dir, base, progress=progress, log=log, check_items=0))
+
+    def config(stage: Any) -> Any:
+        return stage.model_copy(update={"seed": recipe.seed, "progress": progress})
+
+    seed = recipe.seed
+    items1 = SyntheticItems(recipe.stage1_items, split="train", seed=seed, start=STAGE1_START)
+    calibration = SyntheticItems(recipe.calibration_items, split="train", seed=seed, start=CALIBRATION_START)
+    stage1 = timed(
+        "stage1",
+        lambda: train_stage1(base_dir, items1, work / "stage1", config(recipe.stage1), calibration=calibration),
+    )
+    items2 = SyntheticItems(recipe.stage2_items, split="train", seed=seed, start=STAGE2_START)
+    stage2 = timed(
+        "stage2", lambda: train_stage2(stage1, items2, work / "stage2", config(recipe.stage2), judge=synthetic_judge)
+    )
+    items3 = SyntheticItems(
+        recipe.stage3_items, split="train", seed=seed, start=STAGE3_START, max_side=recipe.stage3_max_side
+    )
+    last = timed("stage3", lambda: train_stage3(stage2, items3, work / "stage3", config(recipe.stage3)))
+
+    if out.exists():
+        shutil.rmtree(out)
+    shutil.copytree(last, out, ignore=shutil.ignore_patterns("trainer"))
+    info: dict[str, Any] = {
+        "command": "qzoom train demo",
+        "seconds": seconds,
+        "threads": recipe.threads,
+        "recipe": recipe.model_dump(mode="json"),
+        "base_recipe": asdict(base),
+    }
+    (out / "training.json").write_text(json.dumps(info, indent=2) + "\n")
+    return out
