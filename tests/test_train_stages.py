@@ -239,7 +239,8 @@ def test_fit_resumes_optimizer_and_data_position(tmp_path):
             fit(RunDir(directory, "toy", {}), [("p", param)], list(range(5)), loss, config, desc="toy")
         return seen, param.detach().clone()
 
-    straight, p_straight = run(tmp_path / "a")
+    with torch.no_grad():  # fit switches autograd on itself (benchmarks in the same process switch it off globally)
+        straight, p_straight = run(tmp_path / "a")
     first, _ = run(tmp_path / "b", crash_after=2)
     rest, p_resumed = run(tmp_path / "b")
     assert len(first) == 2 and first + rest == straight and len(straight) == 4
@@ -417,6 +418,7 @@ def test_jsonl_errors_name_the_line_and_field(base_dir, tmp_path):
     assert result.exit_code == 2 and "bad.jsonl:2" in result.output and "question" in result.output
 
 
+@torch.enable_grad()
 def test_losses_run_under_bf16_autocast(base_dir, stage1_dir, items):
     """The CUDA path (bf16 autocast over float32 weights), exercised on CPU: finite losses, gradients in float32."""
     from qzoom.train.stage1 import _coarse_states, stage1_loss

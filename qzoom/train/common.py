@@ -584,11 +584,16 @@ def fit(
             for group in optimizer.param_groups:
                 group["lr"] = lr
             optimizer.zero_grad(set_to_none=True)
-            loss = loss_fn(batch)
+            # Explicitly on: a caller (or a benchmark earlier in the process) may have switched autograd off globally.
+            with torch.enable_grad():
+                loss = loss_fn(batch)
+                if loss is not None:
+                    if not torch.isfinite(loss):
+                        raise TrainingError(
+                            f"the loss became {float(loss)} at step {step}; lower --lr or check the data"
+                        )
+                    loss.backward()
             if loss is not None:
-                if not torch.isfinite(loss):
-                    raise TrainingError(f"the loss became {float(loss)} at step {step}; lower --lr or check the data")
-                loss.backward()
                 torch.nn.utils.clip_grad_norm_([p for _, p in params], config.grad_clip)
                 optimizer.step()
                 last = float(loss.detach())
