@@ -1,0 +1,127 @@
+"""The demo model's base trainer and its evaluation, on a micro model: training sees the inference sequence, a run
+writes a loadable checkpoint, `qzoom eval demo` measures every configuration on the same items."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from qzoom.cli import app
+from qzoom.engine import QZoomEngine
+from qzoom.evals.demo import TARGETS, evaluate_demo, format_report, uncached_engine
+from qzoom.evals.synthetic import crop_box_around, crop_with_answer, generate_item, with_answer
+from qzoom.schemas import AskOptions
+from qzoom.train.base import (
+    BaseRecipe,
+    ExampleBuilder,
+    _grid_box_around,
+    build_demo_model,
+    collate,
+    pool_item,
+    train_base,
+)
+
+MICRO = BaseRecipe(
+    hidden_size=32,
+    num_heads=2,
+    num_kv_heads=1,
+    vision_hidden_size=32,
+    vision_heads=1,
+    crop_steps=2,
+    mixed_steps=2,
+    batch_size=2,
+    mixed_batch_size=3,
+    pool_size=3,
+)
+
+
+@pytest.fixture(scope="module")
+def micro_dir(tmp_path_factory):
+    torch.set_num_threads(1)
+    return train_base(tmp_path_factory.mktemp("base"), MICRO, progress=False, log=lambda _: None)
+
+
+def test_crop_with_answer_is_a_crop_of_with_answer_even_from_a_region():
+    item = generate_item("train", 0, families=("code",))
+    box = crop_box_around(item, 140, rng=random.Random(3))
+    expected = np.asarray(with_answer(item, "HX7").image.crop(box))
+    assert np.array_equal(np.asarray(crop_with_answer(item, box, "HX7")), expected)
+    region = pool_item(item, 4 * 784, 256 * 784, reach=200)
+    assert region.item.image.size < item.image.size  # the pool keeps the target's neighbourhood only
+    assert np.array_equal(np.asarray(crop_with_answer(region.item, box, "HX7", origin=region.origin)), expected)
+    with pytest.raises(ValueError, match="not an answer of family"):
+        crop_with_answer(item, box, "circle")
+
+
+def test_fused_example_is_the_sequence_a_zoom_step_builds():
+    model, processor = build_demo_model(MICRO)
+    engine = QZoomEngine(model, processor)
+    item = generate_item("train", 3, families=("letter",), min_side=900, max_side=1100)
+    builder = ExampleBuilder(engine, MICRO.min_pixels, MICRO.max_pixels)
+    p = pool_item(item, MICRO.min_pixels, MICRO.max_pixels, reach=MICRO.crop_max)
+    example = builder.fused(p, None)
+
+    st = engine.new_state(
+        item.image, item.question, AskOptions(min_pixels=MICRO.min_pixels, max_pixels=MICRO.max_pixels)
+    )
+    engine.prepare([st])
+    engine.encode([st])
+    engine.prefill([st])
+    proposal = engine.proposal_from_grid_boxes(st, [_grid_box_around(item.box, p.grid_hw, item.canvas, None)])
+    engine.zoom([st], [proposal])
+    n = st.input_ids.shape[0]
+    assert torch.equal(example.input_ids[:n], st.input_ids)
+    assert torch.allclose(example.positions[:, :n], st.positions)
+    assert [g.tolist() for g in example.grids] == [st.grid_thw.tolist(), engine._block_grid_thw(st.blocks[1]).tolist()]
+    # The answer follows the prompt: the labels cover exactly its tokens and <|im_end|>.
+    answer_ids = example.input_ids[n:].tolist()
+    assert processor.tokenizer.decode(answer_ids) == item.answer + "<|im_end|>"
+    assert (example.labels[:n] == -100).all() and example.labels[n:].tolist() == answer_ids
+
+
+def test_collate_pads_right_and_keeps_image_order():
+    model, processor = build_demo_model(MICRO)
+    engine = QZoomEngine(model, processor)
+    builder = ExampleBuilder(engine, MICRO.min_pixels, MICRO.max_pixels)
+    rng = random.Random(0)
+    pools = [pool_item(generate_item("train", i), MICRO.min_pixels, MICRO.max_pixels, 448) for i in (0, 5)]
+    examples = [builder.make(pools[0], "fused", rng, (112, 168)), builder.make(pools[1], "coarse", rng, (112, 168))]
+    batch = collate(examples, engine.pad_id)
+    lengths = [e.input_ids.shape[0] for e in examples]
+    assert batch["attention_mask"].sum(1).tolist() == lengths
+    assert batch["image_grid_thw"].shape[0] == 3  # coarse + crop of the first, coarse of the second
+    assert torch.equal(batch["pixel_values"][: examples[0].pixel_values[0].shape[0]], examples[0].pixel_values[0])
+
+
+def test_train_base_writes_a_loadable_qzoom_checkpoint(micro_dir):
+    engine = QZoomEngine.from_pretrained(micro_dir)
+    assert engine.has_gate and engine.has_rpn
+    assert engine.settings.max_pixels == MICRO.max_pixels and engine.settings.min_pixels == MICRO.min_pixels
+    lm = engine.model.model.language_model
+    # The branches start as copies of the layers above K (Stages 1 and 3 train them).
+    assert torch.equal(lm.twig_layers[0].mlp.up_proj.weight, lm.layers[MICRO.twig_k].mlp.up_proj.weight)
+    assert engine.model.config.qzoom_base_recipe["crop_steps"] == MICRO.crop_steps
+
+
+def test_eval_demo_measures_every_configuration_on_the_same_items(micro_dir):
+    report = evaluate_demo(uncached_engine(micro_dir), 7, budgets=(384,), chunk=4)
+    assert set(report.runs) == {"coarse@256", "baseline@384", "qzoom@256", "forced@256"}
+    assert all(len(r.correct) == 7 and r.seconds > 0 for r in report.runs.values())
+    assert report.families == ["code", "code_at", "letter", "shape", "pattern", "colour", "count"]
+    assert all(report.runs["forced@256"].zoomed) and not any(report.runs["coarse@256"].zoomed)
+    assert max(report.runs["baseline@384"].visual_tokens) > max(report.runs["coarse@256"].visual_tokens)
+    table = format_report(report)
+    for target in TARGETS:
+        assert target.name in table
+
+
+def test_eval_demo_command_rejects_bad_input(micro_dir):
+    runner = CliRunner()
+    out = runner.invoke(app, ["eval", "demo", "--model", str(micro_dir / "nope")])
+    assert out.exit_code == 2 and "does not exist" in out.output
+    out = runner.invoke(app, ["eval", "demo", "--model", str(micro_dir), "--budgets", "big"])
+    assert out.exit_code == 2 and "--budgets" in out.output
