@@ -261,9 +261,9 @@ def write_model_card(
     lines = [
         f"# {directory.name}",
         "",
-        "The demo model that ships inside the `qzoom` package: the default of `qzoom ask`, `qzoom serve` and "
-        "`qzoom mcp` when no `--model` / `QZOOM_MODEL` is given. It exists so that the whole Q-Zoom pipeline runs on "
-        "a laptop with no GPU and no network; it knows nothing but the synthetic high-res benchmark "
+        "The demo model made by `qzoom train demo`: a Qwen2.5-VL of a few million parameters, trained from scratch "
+        "on CPU so that the whole Q-Zoom pipeline runs on a laptop with no GPU and no network. It knows nothing but "
+        "the synthetic high-res benchmark "
         "(`qzoom.evals.synthetic`: codes, letters, shapes and 1-px patterns on small plates named by colour or "
         "quadrant; colour and count questions about large objects).",
         "",

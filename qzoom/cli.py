@@ -167,6 +167,41 @@ def export_synthetic(
     typer.echo(f"wrote {n} items to {path}")
 
 
+@eval_app.command("demo")
+def eval_demo(
+    model: Annotated[str | None, typer.Option("--model", "-m", help="checkpoint directory [env QZOOM_MODEL]")] = None,
+    items: Annotated[int, typer.Option(min=1, help="held-out items of the test split")] = 300,
+    seed: Annotated[int, typer.Option(help="benchmark seed")] = 0,
+    budgets: Annotated[str, typer.Option(help="no-zoom baseline budgets in tokens, comma-separated")] = "1024,4096",
+    card: Annotated[bool, typer.Option("--card", help="write MODEL_CARD.md into the model directory")] = False,
+) -> None:
+    """The demo model's targets on held-out synthetic items: coarse view vs Q-Zoom vs larger budgets, gate, SD-RPN."""
+    from tqdm import tqdm
+
+    from qzoom.evals.demo import evaluate_demo, format_report, uncached_engine, write_model_card
+    from qzoom.settings import get_settings
+
+    _quiet_transformers()
+    chosen = model or get_settings().model
+    if not chosen:
+        _fail("no model given: pass --model DIR (e.g. the output of `qzoom train demo`) or set QZOOM_MODEL")
+    model_dir = Path(chosen)
+    if not model_dir.is_dir():
+        _fail(f"model directory {model_dir} does not exist")
+    try:
+        sizes = tuple(int(b) for b in budgets.split(","))
+    except ValueError:
+        _fail(f"--budgets takes comma-separated token budgets such as 1024,4096; got {budgets!r}")
+    engine = uncached_engine(model_dir)
+    with tqdm(total=items, desc="eval demo", unit="item") as bar:
+        report = evaluate_demo(engine, items, seed=seed, budgets=sizes, on_chunk=bar.update)
+    table = format_report(report)
+    typer.echo(table)
+    if card:
+        path = write_model_card(model_dir, report, items=items, seed=seed, budgets=sizes)
+        typer.echo(f"wrote {path}", err=True)
+
+
 # The random benchmark model's shape (Qwen2.5-VL-7B's K/L by default) and the measurement, shared by the benchmarks.
 BenchLayers = Annotated[int, typer.Option(help="decoder layers L")]
 BenchSplit = Annotated[int, typer.Option("--k", help="branch point K")]
@@ -500,6 +535,27 @@ def train_stage3_cmd(
         max_steps=max_steps, seed=seed, save_every=save_every, device=device, dtype=dtype,
         max_new_tokens=max_new_tokens, mine_batch_size=mine_batch_size,
     )  # fmt: skip
+
+
+@train_app.command("demo")
+def train_demo_cmd(
+    out: Annotated[Path, typer.Argument(help="output checkpoint directory")] = Path("qzoom-tiny"),
+    work_dir: Annotated[
+        Path | None, typer.Option(help="intermediate checkpoints (default: OUT.work); rerun to resume the stages")
+    ] = None,
+    seed: Annotated[int, typer.Option(help="seed of the data stream, the initialisation and every stage")] = 0,
+    threads: Annotated[int, typer.Option(min=1, help="torch CPU threads")] = 2,
+) -> None:
+    """Train the demo model qzoom-tiny from scratch: base model on the synthetic benchmark, then Stages 1-3."""
+    from qzoom.train.common import TrainingError
+    from qzoom.train.demo import DemoRecipe, train_demo
+
+    _quiet_transformers()
+    try:
+        path = train_demo(out, work_dir=work_dir, recipe=DemoRecipe(seed=seed, threads=threads), log=typer.echo)
+    except (TrainingError, OSError) as err:
+        _fail(str(err))
+    typer.echo(f"wrote {path}; measure it with `qzoom eval demo --model {path}`")
 
 
 def main() -> None:
