@@ -463,7 +463,9 @@ def train_base(
         batch = collate(_draw_batch(builder, pools, rng, recipe, phase), pad_id)
         for group in optimizer.param_groups:
             group["lr"] = _lr_at(step, total, recipe)
-        loss, _ = answer_loss_and_hits(model, batch)
+        # Explicitly on: a caller (or a test before this one) may have turned autograd off process-wide.
+        with torch.enable_grad():
+            loss, _ = answer_loss_and_hits(model, batch)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
