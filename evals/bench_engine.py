@@ -63,6 +63,7 @@ def _median_ms(samples: list[float]) -> float:
     return statistics.median(samples) * 1000.0
 
 
+@torch.no_grad()  # the whole benchmark, not the process: tests run after it
 def run_engine_benchmark(
     *,
     layers: int = 28,
@@ -73,7 +74,6 @@ def run_engine_benchmark(
     new_tokens: int = 8,
     echo: Callable[[str], Any] = print,
 ) -> dict[str, float]:
-    torch.set_grad_enabled(False)
     engine = build_engine(layers, split, hidden)
     model, processor = engine.model, engine.processor
     image, query = bench_image(), "What is written in the blue box?"

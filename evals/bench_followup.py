@@ -89,6 +89,7 @@ print(json.dumps({"cold": statistics.median(cold), "warm": statistics.median(war
 """
 
 
+@torch.no_grad()  # the whole benchmark, not the process: tests run after it
 def run_followup_benchmark(
     *,
     layers: int = 28,
@@ -100,7 +101,6 @@ def run_followup_benchmark(
     redis_url: str | None = None,
     echo: Callable[[str], Any] = print,
 ) -> dict[str, float]:
-    torch.set_grad_enabled(False)
     engine = build_engine(layers, split, hidden)
     echo(
         f"model: random Qwen2.5-VL, L={layers} K={split} hidden={hidden}; {tokens}-token views; "

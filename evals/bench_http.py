@@ -199,6 +199,7 @@ async def _measure(
     return runs
 
 
+@torch.no_grad()  # the whole benchmark, not the process: tests run after it
 def run_http_benchmark(
     *,
     layers: int = 28,
@@ -212,7 +213,6 @@ def run_http_benchmark(
     echo: Callable[[str], Any] = print,
 ) -> dict[int, float]:
     """Print the table; return HTTP p50 / in-process p50 per concurrency."""
-    torch.set_grad_enabled(False)
     budget = tokens * 28 * 28
     options = AskOptions(
         gate_thresh=0.0, roi_thresh=0.0, min_pixels=budget, max_pixels=budget, max_new_tokens=new_tokens

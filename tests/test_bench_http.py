@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 
+import torch
+
 from qzoom.evals.bench_http import Run, run_http_benchmark
 
 
@@ -32,3 +34,4 @@ def test_http_benchmark_prints_both_sides_at_every_concurrency():
     rows = [line.split() for line in "\n".join(lines).splitlines() if line.strip()[:1].isdigit()]
     assert {(r[0], r[1]) for r in rows} == {("1", "in-process"), ("1", "http"), ("3", "in-process"), ("3", "http")}
     assert sum("HTTP /ask vs in-process" in line for line in lines) == 2
+    assert torch.is_grad_enabled()  # the benchmark must not switch autograd off for the rest of the process
