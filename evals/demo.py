@@ -283,9 +283,11 @@ def write_model_card(
         "## How it was made",
         "",
         "From scratch, on CPU, with one command: `qzoom train demo OUT` (`qzoom.train.demo`). The base model is "
-        "trained on the benchmark's train split with a curriculum (native-resolution crops around the target first; "
-        "then crops, the coarse view of the coarse families, and the fused coarse+crop sequence the engine builds; "
-        "loss on the answer tokens only; `qzoom.train.base`), then Stage 1 (SD-RPN from the model's own "
+        "trained on the benchmark's train split with a curriculum (`qzoom.train.base`): the vision tower alone "
+        "first, on a dense per-token reading loss over native crops (which glyph, shape or pattern each token "
+        "shows; a linear head that is dropped afterwards); then native-resolution crops around the target with the "
+        "answer loss; then crops, the coarse view of the coarse families, and the fused coarse+crop sequence the "
+        "engine builds. Then Stage 1 (SD-RPN from the model's own "
         "answer->image attention), Stage 2 (targeted post-SFT on zoom regressions) and Stage 3 (the gate on "
         "coarse-budget ladders) run as `qzoom train stage1|stage2|stage3` would.",
         "",

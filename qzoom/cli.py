@@ -16,9 +16,12 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Annotated, Any, NoReturn
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
+
+if TYPE_CHECKING:
+    from qzoom.settings import Settings
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Query-aware zooming for multimodal LLMs (Q-Zoom).")
 bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks that print ratios measured side by side in one run.")
@@ -41,11 +44,27 @@ def _quiet_transformers() -> None:
     hf_logging.disable_progress_bar()
 
 
+MODEL_HELP = "checkpoint directory [env QZOOM_MODEL; default: the shipped demo model qzoom-tiny]"
+
+
+def _model_dir(model: str | None, settings: Settings) -> str:
+    """``--model``, else QZOOM_MODEL, else the shipped demo model; a missing one ends the command with its reason."""
+    from qzoom.models import ModelNotFoundError
+
+    try:
+        chosen = model or settings.model_dir()
+    except ModelNotFoundError as err:
+        _fail(str(err))
+    if not Path(chosen).is_dir():
+        _fail(f"model directory {chosen} does not exist")
+    return chosen
+
+
 @app.command()
 def ask(
     image: Annotated[Path, typer.Argument(help="the picture (PNG, JPEG, WebP, ...)")],
     query: Annotated[str, typer.Argument(help="the question about it")],
-    model: Annotated[str | None, typer.Option("--model", "-m", help="checkpoint directory [env QZOOM_MODEL]")] = None,
+    model: Annotated[str | None, typer.Option("--model", "-m", help=MODEL_HELP)] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print the result as one JSON object")] = False,
     max_steps: Annotated[int, typer.Option(min=0, max=8, help="zoom steps at most")] = 1,
     show: Annotated[Path | None, typer.Option(help="write the image with heatmap and boxes to this PNG")] = None,
@@ -75,9 +94,7 @@ def ask(
     settings = get_settings()
     if device:
         settings = Settings(model=settings.model, device=device, dtype=settings.dtype)
-    model_dir = model or settings.model
-    if not model_dir:
-        _fail("no model given: pass --model DIR or set QZOOM_MODEL (`qzoom init-tiny DIR` writes a tiny one)")
+    model_dir = _model_dir(model, settings)
     try:
         options = AskOptions(
             gate_thresh=gate_thresh,
@@ -169,7 +186,7 @@ def export_synthetic(
 
 @eval_app.command("demo")
 def eval_demo(
-    model: Annotated[str | None, typer.Option("--model", "-m", help="checkpoint directory [env QZOOM_MODEL]")] = None,
+    model: Annotated[str | None, typer.Option("--model", "-m", help=MODEL_HELP)] = None,
     items: Annotated[int, typer.Option(min=1, help="held-out items of the test split")] = 300,
     seed: Annotated[int, typer.Option(help="benchmark seed")] = 0,
     budgets: Annotated[str, typer.Option(help="no-zoom baseline budgets in tokens, comma-separated")] = "1024,4096",
@@ -182,12 +199,7 @@ def eval_demo(
     from qzoom.settings import get_settings
 
     _quiet_transformers()
-    chosen = model or get_settings().model
-    if not chosen:
-        _fail("no model given: pass --model DIR (e.g. the output of `qzoom train demo`) or set QZOOM_MODEL")
-    model_dir = Path(chosen)
-    if not model_dir.is_dir():
-        _fail(f"model directory {model_dir} does not exist")
+    model_dir = Path(_model_dir(model, get_settings()))
     try:
         sizes = tuple(int(b) for b in budgets.split(","))
     except ValueError:
@@ -212,20 +224,16 @@ BenchRepeats = Annotated[int, typer.Option(min=1, help="timed runs per variant (
 
 @app.command("mcp")
 def mcp(
-    model: Annotated[str | None, typer.Option("--model", "-m", help="checkpoint directory [env QZOOM_MODEL]")] = None,
+    model: Annotated[str | None, typer.Option("--model", "-m", help=MODEL_HELP)] = None,
 ) -> None:
     """Serve the `zoom`, `gate` and `propose` tools over MCP on stdio (for desktop hosts; local image paths allowed)."""
     from qzoom.settings import get_settings
     from qzoom.tools.mcp_server import run_stdio
 
     _quiet_transformers()
-    model_dir = model or get_settings().model
-    if not model_dir:
-        _fail("no model given: pass --model DIR or set QZOOM_MODEL (`qzoom init-tiny DIR` writes a tiny one)")
     # Checked here, before the protocol starts: a failure inside the server's lifespan reaches the host as a
     # dropped connection, not as a message.
-    elif not Path(model_dir).is_dir():
-        _fail(f"model directory {model_dir} does not exist")
+    model_dir = _model_dir(model, get_settings())
     run_stdio(model_dir)
 
 
@@ -233,7 +241,7 @@ def mcp(
 def serve(
     host: Annotated[str, typer.Option(help="interface to listen on")] = "127.0.0.1",
     port: Annotated[int, typer.Option(min=1, max=65535, help="TCP port")] = 8000,
-    model: Annotated[str | None, typer.Option("--model", "-m", help="checkpoint directory [env QZOOM_MODEL]")] = None,
+    model: Annotated[str | None, typer.Option("--model", "-m", help=MODEL_HELP)] = None,
     redis_url: Annotated[str | None, typer.Option(help="L2 feature cache [env QZOOM_REDIS_URL]")] = None,
     device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1, ... [env QZOOM_DEVICE]")] = None,
     log_level: Annotated[str, typer.Option(help="uvicorn log level")] = "info",
@@ -247,10 +255,7 @@ def serve(
     _quiet_transformers()
     overrides = {k: v for k, v in {"model": model, "redis_url": redis_url, "device": device}.items() if v}
     settings = get_settings().model_copy(update=overrides)
-    if not settings.model:
-        _fail("no model given: pass --model DIR or set QZOOM_MODEL (`qzoom init-tiny DIR` writes a tiny one)")
-    elif not Path(settings.model).is_dir():
-        _fail(f"model directory {settings.model} does not exist")
+    settings = settings.model_copy(update={"model": _model_dir(settings.model, settings)})
     # workers=1 always: every uvicorn worker would load its own copy of the model onto the same device.
     uvicorn.run(create_app(settings=settings), host=host, port=port, workers=1, log_level=log_level)
 

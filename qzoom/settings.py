@@ -2,7 +2,7 @@
 
 | variable        | meaning                                                      | default          |
 |-----------------|--------------------------------------------------------------|------------------|
-| `QZOOM_MODEL`   | checkpoint directory used when no `--model` is given          | none             |
+| `QZOOM_MODEL`   | checkpoint directory used when no `--model` is given          | `qzoom-tiny` (*) |
 | `QZOOM_DEVICE`  | torch device: `cpu`, `cuda`, `cuda:1`, ... or `auto`          | `auto`           |
 | `QZOOM_DTYPE`   | `float32`, `bfloat16` or `float16`; `auto` = bf16 on GPU      | `auto`           |
 | `QZOOM_REDIS_URL` | L2 feature cache shared by processes (`redis://`, `unix://`) | none: L1 only    |
@@ -22,6 +22,8 @@
 | `QZOOM_IMAGE_URL_HOSTS` | hosts an `image_url` may name, `host` or `host:port` (comma-separated) | none |
 | `QZOOM_IMAGE_URL_TIMEOUT_S` | total time for fetching one image URL, redirects included | 10.0          |
 | `QZOOM_IMAGE_URL_MAX_MB` | largest image fetched from a URL (counted while streaming) | 32             |
+
+(*) unset or empty: the demo model shipped inside the package (`qzoom.models.DEMO_MODEL`).
 """
 
 from __future__ import annotations
@@ -32,6 +34,8 @@ from typing import Annotated, Literal
 import torch
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from qzoom.models import default_model_dir
 
 
 class Settings(BaseSettings):
@@ -72,6 +76,12 @@ class Settings(BaseSettings):
         if isinstance(v, str):
             return [k.strip() for k in v.split(",") if k.strip()]
         return v
+
+    def model_dir(self) -> str:
+        """The checkpoint to load: ``model`` if set, else the demo model shipped in the package.
+
+        Raises :class:`qzoom.models.ModelNotFoundError` (an ``OSError``) when neither exists."""
+        return self.model or str(default_model_dir())
 
     def torch_device(self) -> torch.device:
         if self.device == "auto":

@@ -1,10 +1,10 @@
 """The FastAPI application: `create_app(engine_factory=None, settings=None) -> FastAPI`.
 
 Lifespan: the server starts answering at once (`/healthz` 200, `/readyz` 503) while a background task builds the
-FeatureCache (`QZOOM_REDIS_URL`), the engine (from `settings.model`, or `engine_factory(settings, cache)` in tests),
-starts one `Worker` on its device thread and runs one tiny warm-up request; only then does `/readyz` turn 200 and
-`/ask` accept work. A load failure is logged and reported by `/readyz` (503 with the error). Shutdown stops the
-worker and closes the cache.
+FeatureCache (`QZOOM_REDIS_URL`), the engine (`settings.model_dir()`: QZOOM_MODEL, else the shipped qzoom-tiny;
+or `engine_factory(settings, cache)` in tests), starts one `Worker` on its device thread and runs one tiny warm-up
+request; only then does `/readyz` turn 200 and `/ask` accept work. A load failure (a missing model included) is
+logged and reported by `/readyz` (503 with the error). Shutdown stops the worker and closes the cache.
 
 Process-wide effects (one app per process is the deployment): Pillow's `Image.MAX_IMAGE_PIXELS` is set to
 `QZOOM_MAX_PIXELS_IN` and `DecompressionBombWarning` becomes an error, both restored at shutdown.
@@ -44,11 +44,9 @@ EngineFactory = Callable[[Settings, FeatureCache], QZoomEngine]
 
 
 def default_engine_factory(settings: Settings, cache: FeatureCache) -> QZoomEngine:
-    """The checkpoint in `settings.model` on `settings.device` / `settings.dtype`."""
-    if not settings.model:
-        raise ValueError("no model given: set QZOOM_MODEL or pass --model DIR")
+    """The checkpoint `settings.model_dir()` (QZOOM_MODEL, else the shipped qzoom-tiny) on its device and dtype."""
     return QZoomEngine.from_pretrained(
-        settings.model, device=settings.torch_device(), dtype=settings.torch_dtype(), cache=cache
+        settings.model_dir(), device=settings.torch_device(), dtype=settings.torch_dtype(), cache=cache
     )
 
 
@@ -78,11 +76,9 @@ async def _load(state: ServiceState, factory: EngineFactory) -> None:
 
 
 def create_app(engine_factory: EngineFactory | None = None, settings: Settings | None = None) -> FastAPI:
-    """The service app. Without `engine_factory`, `settings.model` (QZOOM_MODEL) must name a checkpoint."""
+    """The service app; without `engine_factory` it loads `settings.model_dir()` (QZOOM_MODEL or qzoom-tiny)."""
     settings = settings or get_settings()
     factory = engine_factory or default_engine_factory
-    if engine_factory is None and not settings.model:
-        raise ValueError("no model given: set QZOOM_MODEL or pass --model DIR")
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

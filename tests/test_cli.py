@@ -80,15 +80,6 @@ def test_ask_errors_are_clear(tiny_dir, picture, extra, message):
     assert result.exit_code == 2 and message in result.output
 
 
-def test_ask_without_model_explains_how_to_get_one(picture, monkeypatch):
-    monkeypatch.delenv("QZOOM_MODEL", raising=False)
-    from qzoom.settings import get_settings
-
-    get_settings.cache_clear()
-    result = runner.invoke(app, ["ask", str(picture), "q"])
-    assert result.exit_code == 2 and "init-tiny" in result.output
-
-
 def test_ask_rejects_a_text_file_posing_as_png(tiny_dir, tmp_path):
     fake = tmp_path / "fake.png"
     fake.write_text("hello")

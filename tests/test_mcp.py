@@ -19,7 +19,6 @@ from typer.testing import CliRunner
 from conftest import scene
 from qzoom.agent.tool import ZoomToolRunner, png_b64
 from qzoom.cli import app
-from qzoom.settings import get_settings
 from qzoom.tools.mcp_server import build_mcp_server
 from qzoom.tools.schema import ZoomArgs
 from qzoom.worker import Worker
@@ -171,14 +170,6 @@ def test_qzoom_mcp_over_stdio(tmp_path):
     assert summary["box"] == [64, 96, 192, 192] and crop.size == (128, 96)
 
 
-def test_qzoom_mcp_without_a_model_fails_clearly(monkeypatch):
-
-    monkeypatch.delenv("QZOOM_MODEL", raising=False)
-    get_settings.cache_clear()
-    try:
-        out = CliRunner().invoke(app, ["mcp"])
-        missing = CliRunner().invoke(app, ["mcp", "--model", "/nonexistent/ckpt"])
-    finally:
-        get_settings.cache_clear()
-    assert out.exit_code == 2 and "no model given" in out.output
-    assert missing.exit_code == 2 and "does not exist" in missing.output
+def test_qzoom_mcp_with_a_missing_model_fails_before_the_protocol_starts():
+    missing = CliRunner().invoke(app, ["mcp", "--model", "/nonexistent/ckpt"])
+    assert missing.exit_code == 2 and "model directory /nonexistent/ckpt does not exist" in missing.output

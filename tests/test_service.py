@@ -336,11 +336,6 @@ def test_api_key_required_when_configured_health_open(shared_model):
         assert c.post("/ask", json=body, headers={"X-API-Key": "k-two"}).status_code == 200
 
 
-def test_create_app_without_model_or_factory_fails_early():
-    with pytest.raises(ValueError, match="QZOOM_MODEL"):
-        create_app(settings=settings(model=None))
-
-
 # -- uploads and the zoom tool -----------------------------------------------------------------------------------
 
 

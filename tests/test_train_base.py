@@ -16,6 +16,7 @@ from qzoom.evals.demo import TARGETS, evaluate_demo, format_report, uncached_eng
 from qzoom.evals.synthetic import crop_box_around, crop_with_answer, generate_item, with_answer
 from qzoom.schemas import AskOptions
 from qzoom.train.base import (
+    READ_CLASSES,
     BaseRecipe,
     ExampleBuilder,
     _grid_box_around,
@@ -31,6 +32,8 @@ MICRO = BaseRecipe(
     num_kv_heads=1,
     vision_hidden_size=32,
     vision_heads=1,
+    read_steps=2,
+    read_batch_size=2,
     crop_steps=2,
     mixed_steps=2,
     batch_size=2,
@@ -95,6 +98,44 @@ def test_collate_pads_right_and_keeps_image_order():
     assert batch["attention_mask"].sum(1).tolist() == lengths
     assert batch["image_grid_thw"].shape[0] == 3  # coarse + crop of the first, coarse of the second
     assert torch.equal(batch["pixel_values"][: examples[0].pixel_values[0].shape[0]], examples[0].pixel_values[0])
+
+
+@pytest.mark.parametrize(
+    ("family", "answer"), [("letter", "K"), ("code", "7EA"), ("shape", "cross"), ("pattern", "checker")]
+)
+def test_reading_targets_mark_the_tokens_that_show_each_glyph(family, answer):
+    model, processor = build_demo_model(MICRO)
+    builder = ExampleBuilder(QZoomEngine(model, processor), MICRO.min_pixels, MICRO.max_pixels)
+    item = generate_item("train", 11, families=(family,))
+    p = pool_item(item, MICRO.min_pixels, MICRO.max_pixels, reach=300)
+    example = builder.crop(p, 168, random.Random(1), answer)
+    assert example.reading is not None
+    _, gh, gw = (int(v) // m for v, m in zip(example.grids[0], (1, 2, 2), strict=True))
+    assert example.reading.shape == (gh * gw, len(READ_CLASSES))
+    marked = example.reading.nonzero().tolist()
+    values = [answer] if family in ("shape", "pattern") else list(answer)
+    assert sorted(READ_CLASSES[c] for _, c in marked) == sorted(values)
+    # Each marked token's 28x28 cell of the crop holds ink of the detail (dark pixels on the light plate).
+    pixels = example.pixel_values[0].reshape(gh * gw, -1)  # 4 patches of one merged token per row, normalised
+    for token, _ in marked:
+        assert pixels[token].min() < -1.0  # CLIP-normalised ink (22 of 255) is about -1.5; the plate is about 1.8
+    if family == "code":  # glyphs left to right: the first character's token is not right of the last one's
+        columns = {READ_CLASSES[c]: t % gw for t, c in marked}
+        assert columns[answer[0]] <= columns[answer[-1]]
+
+
+def test_collate_marks_reading_targets_of_crops_only():
+    model, processor = build_demo_model(MICRO)
+    engine = QZoomEngine(model, processor)
+    builder = ExampleBuilder(engine, MICRO.min_pixels, MICRO.max_pixels)
+    rng = random.Random(0)
+    p = pool_item(generate_item("train", 0, families=("letter",)), MICRO.min_pixels, MICRO.max_pixels, 448)
+    crop, fused = builder.make(p, "crop", rng, (112, 140)), builder.make(p, "fused", rng, (112, 140))
+    batch = collate([fused, crop], engine.pad_id)
+    n_tokens = [int(g.prod()) // 4 for g in batch["image_grid_thw"]]
+    assert batch["reading"].shape[0] == sum(n_tokens) == batch["reading_mask"].shape[0]
+    assert batch["reading_mask"].tolist() == [False] * (n_tokens[0] + n_tokens[1]) + [True] * n_tokens[2]
+    assert torch.equal(batch["reading"][-n_tokens[2] :], crop.reading)
 
 
 def test_train_base_writes_a_loadable_qzoom_checkpoint(micro_dir):

@@ -198,15 +198,13 @@ def _json_result(out: dict[str, Any]) -> CallToolResult:
 def run_stdio(model_dir: str | None) -> None:
     """Serve `zoom`, `gate` and `propose` over stdio (local desktop mode: ``image_path`` allowed).
 
-    The checkpoint (``model_dir``, else ``QZOOM_MODEL``) is loaded and the worker started in the server's
-    lifespan, i.e. once the host has started the process.
+    The checkpoint (``model_dir``, else ``QZOOM_MODEL``, else the shipped qzoom-tiny) is loaded and the worker
+    started in the server's lifespan, i.e. once the host has started the process.
     """
     from qzoom.settings import get_settings
 
     settings = get_settings()
-    path = model_dir or settings.model
-    if not path:
-        raise ValueError("no model given: pass --model DIR or set QZOOM_MODEL")
+    path = model_dir or settings.model_dir()
     holder: dict[str, ZoomToolRunner] = {}
 
     def runner_factory() -> ZoomToolRunner:

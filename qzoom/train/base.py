@@ -8,8 +8,12 @@ Contract:
   them). Its pixel budget is the benchmark's small one: at most :data:`~qzoom.evals.synthetic.COARSE_TOKENS` merged
   tokens per view, and as few as :data:`MIN_VIEW_TOKENS` so that a small zoom crop is not upsampled.
 * :func:`train_base` trains it on the benchmark's *train* split with a curriculum and writes an HF checkpoint:
-  phase 1 shows only native-resolution crops around the target (short sequences, several steps a second: the §4
-  finding that this is what gets a from-scratch model off the ground); phase 2 mixes those crops with the coarse
+  phase 0 trains the vision tower alone on a dense reading loss (:func:`reading_targets`: which glyph, shape or
+  pattern each merged token of a native crop shows, through a linear head that is dropped afterwards), because
+  with the answer loss alone a from-scratch model of this size sat at the answer priors for 900+ steps (the ViT
+  gets its signal only through decoder attention that is itself untrained); phase 1 shows native-resolution crops
+  around the target with the answer loss (the reading loss alongside; short sequences, the §4 finding that this
+  is what gets a from-scratch model off the ground); phase 2 mixes those crops with the coarse
   view alone for the coarse families (colour, count) and with the fused sequence Q-Zoom feeds (coarse view + a
   native crop spliced after it with the engine's aligned M-RoPE positions) for every family. The coarse view is
   never paired with a detail answer alone: the detail is not in its pixels, so such examples are label noise.
@@ -33,6 +37,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
 
+import numpy as np
 import torch
 from PIL import Image
 from tqdm import tqdm
@@ -45,9 +50,12 @@ from qzoom.evals.synthetic import (
     ANSWER_VOCAB,
     COARSE_FAMILIES,
     COARSE_TOKENS,
+    CODE_ALPHABET,
     DETAIL_FAMILIES,
     FAMILIES,
     PATCH_PX,
+    PATTERNS,
+    SHAPES,
     SyntheticItem,
     crop_box_around,
     crop_with_answer,
@@ -72,20 +80,20 @@ class BaseRecipe:
     num_layers: int = 4
     num_heads: int = 4
     num_kv_heads: int = 2
-    vision_hidden_size: int = 64
+    vision_hidden_size: int = 128
     vision_depth: int = 2
     vision_heads: int = 2
     twig_k: int = 2  # the SD-RPN and the gate branch after layer K (KV reuse below it)
     twig_t: int = 2
-    lr: float = 2e-3  # §4: 5e-4 reads its one pattern in 100 steps; here 5e-4 and 1e-3 had not begun to read in 700
+    lr: float = 1e-3  # side by side: 5e-4 learned the pattern family more slowly; 2e-3 stalled at the answer priors
     weight_decay: float = 0.01
     warmup_steps: int = 30
-    batch_size: int = 16  # phase 1
+    batch_size: int = 24  # phase 1: the per-step overhead dominates small crops, so samples are cheap
     mixed_batch_size: int = 8  # phase 2: sequences of 300-600 tokens
-    crop_steps: int = 900  # phase 1: native crops only
-    mixed_steps: int = 60  # phase 2: crops, coarse views of coarse families, fused sequences
+    crop_steps: int = 700  # phase 1: native crops only
+    mixed_steps: int = 150  # phase 2: crops, coarse views of coarse families, fused sequences
     pool_size: int = 128  # benchmark items held at once; `refresh` of them are replaced by new ones every step
-    refresh: int = 2
+    refresh: int = 1
     crop_min: int = 112  # side of the native crops, pixels: up to `crop_max_phase1` in phase 1 (short sequences
     crop_max_phase1: int = 168  # first), up to `crop_max` later (the largest zoom boxes of a 4096 px canvas)
     crop_max: int = 448
@@ -93,6 +101,14 @@ class BaseRecipe:
     mix_crop: float = 0.25
     mix_fused: float = 0.5  # the rest: coarse views
     coarse_detail_frac: float = 0.25  # of the coarse views, detail questions (see `_draw_batch`)
+    # Phase 0: the vision tower alone on the reading loss (see `reading_targets`), large batches of small crops (no
+    # decoder: about 190 crops a second on 2 cores); then the same loss rides along on crops at `read_weight`.
+    read_steps: int = 800
+    read_batch_size: int = 64
+    read_crop_min: int = 84
+    read_crop_max: int = 140
+    read_refresh_every: int = 4  # steps per new pool item in phase 0: fresh answers make each crop new anyway
+    read_weight: float = 1.0
 
     @property
     def max_pixels(self) -> int:
@@ -139,6 +155,7 @@ class Example:
     grids: list[torch.Tensor]  # per image (3,)
     family: str
     view: View
+    reading: torch.Tensor | None = None  # (merged tokens of the one image, len(READ_CLASSES)) for crops
 
 
 @dataclass
@@ -202,6 +219,58 @@ def _grid_box_around(
     cx1 = min(gw, math.ceil(x1 * gw / w) + grow())
     cy1 = min(gh, math.ceil(y1 * gh / h) + grow())
     return roi.GridBox(cx0, cy0, max(cx1, cx0 + 1), max(cy1, cy0 + 1))
+
+
+READ_CLASSES: tuple[str, ...] = (*CODE_ALPHABET, *SHAPES, *PATTERNS)  # letters are a subset of the code alphabet
+
+
+def reading_targets(
+    crop: Image.Image,
+    plate_box: tuple[int, int, int, int],
+    border: int,
+    family: str,
+    answer: str,
+    grid_hw: tuple[int, int],
+) -> torch.Tensor:
+    """Which detail each merged token of a native crop shows: (gh * gw, len(READ_CLASSES)) multi-hot, row-major.
+
+    A token is marked with a character when that glyph's centre lies in it (codes: the ink's columns split into one
+    run per glyph, or into equal thirds where glyphs touch), with a shape or pattern when the ink's centre does.
+    Found from the crop's own pixels (dark ink on the light plate inside its border), so it holds for any answer drawn.
+
+    Why: from scratch, the answer loss alone reaches the vision tower only through the decoder's attention to the
+    right tokens, which is itself untrained, and both sit at the answer priors for thousands of samples. This dense
+    per-token loss (a linear head on the merger's output, dropped after training) teaches the ViT to see glyphs
+    directly; the decoder then only has to learn where to look.
+    """
+    gh, gw = grid_hw
+    targets = torch.zeros(gh * gw, len(READ_CLASSES))
+    sx, sy = gw * PATCH_PX / crop.width, gh * PATCH_PX / crop.height  # the processor's resize, if any
+    x0, y0, x1, y1 = (plate_box[0] + border, plate_box[1] + border, plate_box[2] - border, plate_box[3] - border)
+    x0, y0, x1, y1 = max(0, x0), max(0, y0), min(crop.width, x1), min(crop.height, y1)
+    if x1 <= x0 or y1 <= y0:
+        return targets
+    ink = np.asarray(crop.convert("L"))[y0:y1, x0:x1] < 128
+    if not ink.any():
+        return targets
+    ys, xs = np.nonzero(ink)
+    cy = y0 + (ys.min() + ys.max() + 1) / 2
+    if family in ("shape", "pattern"):
+        centres = [(x0 + (xs.min() + xs.max() + 1) / 2, answer)]
+    else:
+        columns = ink.any(axis=0)
+        edges = np.flatnonzero(np.diff(np.concatenate([[0], columns.astype(np.int8), [0]])))
+        runs = list(zip(edges[::2], edges[1::2], strict=True))  # [start, end) of each inked column run
+        if len(runs) != len(answer):
+            lo, hi = xs.min(), xs.max() + 1
+            step = (hi - lo) / len(answer)
+            runs = [(lo + i * step, lo + (i + 1) * step) for i in range(len(answer))]
+        centres = [(x0 + (a + b) / 2, char) for (a, b), char in zip(runs, answer, strict=True)]
+    row = min(gh - 1, int(cy * sy // PATCH_PX))
+    for cx, value in centres:
+        col = min(gw - 1, int(cx * sx // PATCH_PX))
+        targets[row * gw + col, READ_CLASSES.index(value)] = 1.0
+    return targets
 
 
 class ExampleBuilder:
@@ -288,7 +357,21 @@ class ExampleBuilder:
         side = max(2 * PATCH_PX, PATCH_PX * round(side / PATCH_PX))
         box = crop_box_around(item, side, rng=rng)
         image = crop_with_answer(item, box, answer, origin=p.origin)
-        return self.single(image, item.question, answer or item.answer, item.family, "crop")
+        example = self.single(image, item.question, answer or item.answer, item.family, "crop")
+        target = item.scene.target
+        if target is not None:
+            plate = item.scene.plates[target]
+            px0, py0, px1, py1 = plate.box
+            grid = example.grids[0]
+            example.reading = reading_targets(
+                image,
+                (px0 - box[0], py0 - box[1], px1 - box[0], py1 - box[1]),
+                plate.border,
+                item.family,
+                answer or item.answer,
+                (int(grid[1]) // self.merge, int(grid[2]) // self.merge),
+            )
+        return example
 
     def make(self, p: PoolItem, view: View, rng: random.Random, crop_range: tuple[int, int]) -> Example:
         """An example of ``view``; detail crops show a fresh random answer drawn on the target."""
@@ -315,7 +398,7 @@ def _fresh_answer(item: SyntheticItem, rng: random.Random) -> str | None:
             return answer
 
 
-def collate(examples: Sequence[Example], pad_id: int) -> dict[str, torch.Tensor]:
+def collate(examples: Sequence[Example], pad_id: int, merge: int = 2) -> dict[str, torch.Tensor]:
     """Right-padded batch for the stock forward; images in sequence order (the order their tokens are filled)."""
     n = max(int(e.input_ids.shape[0]) for e in examples)
     b = len(examples)
@@ -329,6 +412,15 @@ def collate(examples: Sequence[Example], pad_id: int) -> dict[str, torch.Tensor]
         labels[i, :m] = e.labels
         mask[i, :m] = 1
         positions[:, i, :m] = e.positions
+    # Reading targets per merged token of every image, in the order the vision tower returns them; a mask keeps the
+    # images that have none (coarse views, fused sequences).
+    reading, read_mask = [], []
+    for e in examples:
+        for i, g in enumerate(e.grids):
+            n_tokens = int(g.prod()) // merge**2
+            has = e.reading is not None and i == 0
+            reading.append(e.reading if e.reading is not None and has else torch.zeros(n_tokens, len(READ_CLASSES)))
+            read_mask.append(torch.full((n_tokens,), has))
     return {
         "input_ids": ids,
         "attention_mask": mask,
@@ -336,6 +428,8 @@ def collate(examples: Sequence[Example], pad_id: int) -> dict[str, torch.Tensor]
         "position_ids": positions,
         "pixel_values": torch.cat([p for e in examples for p in e.pixel_values]),
         "image_grid_thw": torch.stack([g for e in examples for g in e.grids]),
+        "reading": torch.cat(reading),
+        "reading_mask": torch.cat(read_mask),
     }
 
 
@@ -446,11 +540,20 @@ def train_base(
         "coarse": ItemPool(recipe, coarse, start=10_000_000, desc="render (coarse)", progress=progress),
     }
     params = [p for n, p in model.named_parameters() if not _is_branch(n)]
-    optimizer = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=recipe.weight_decay)
+    # The reading head (see `reading_targets`) reads the merger's output; it is trained here and not saved.
+    reader = torch.nn.Linear(recipe.hidden_size, len(READ_CLASSES))  # the merger projects to the text width
+    torch.nn.init.zeros_(reader.weight)
+    torch.nn.init.constant_(reader.bias, -4.0)  # positives are a few tokens of each crop: start near p = 0
+    merged: list[torch.Tensor] = []
+    hook = model.model.visual.register_forward_hook(lambda _m, _i, out: merged.append(out.pooler_output))
+    if recipe.read_steps:
+        pretrain_reading(model, reader, builder, pools["detail"], rng, recipe, merged, progress=progress, log=log)
+    optimizer = torch.optim.AdamW([*params, *reader.parameters()], lr=recipe.lr, weight_decay=recipe.weight_decay)
     total = recipe.crop_steps + recipe.mixed_steps
     pad_id = engine.pad_id
     started = time.perf_counter()
     ema: float | None = None
+    read_ema: float | None = None
     bar = tqdm(range(total), desc="base", disable=not progress, dynamic_ncols=True)
     checks = list(iterate("val", check_items, seed=recipe.seed)) if check_items else []
     for step in bar:
@@ -466,15 +569,25 @@ def train_base(
         # Explicitly on: a caller (or a test before this one) may have turned autograd off process-wide.
         with torch.enable_grad():
             loss, _ = answer_loss_and_hits(model, batch)
+            read_loss = torch.zeros(())
+            keep = batch["reading_mask"]
+            if recipe.read_weight > 0 and bool(keep.any()):
+                read_loss = _reading_loss(reader(merged[-1][keep]), batch["reading"][keep])
+        merged.clear()
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        (loss + recipe.read_weight * read_loss).backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         value = loss.item()
         ema = value if ema is None else 0.95 * ema + 0.05 * value
-        bar.set_postfix(phase=phase, loss=f"{ema:.3f}")
+        read_ema = read_loss.item() if read_ema is None else 0.95 * read_ema + 0.05 * read_loss.item()
+        bar.set_postfix(phase=phase, loss=f"{ema:.3f}", read=f"{read_ema:.3f}")
         if not progress and (step + 1) % 50 == 0:
-            log(f"base step {step + 1}/{total} phase {phase} loss {ema:.4f} {time.perf_counter() - started:.0f}s")
+            log(
+                f"base step {step + 1}/{total} phase {phase} loss {ema:.4f} read {read_ema:.4f} "
+                f"{time.perf_counter() - started:.0f}s"
+            )
+    hook.remove()
     log(f"base: {total} steps in {time.perf_counter() - started:.0f} s, final loss (EMA) {ema:.4f}")
     if checks:
         _log_checks(engine, checks, log, "final")
@@ -482,6 +595,56 @@ def train_base(
     model.init_branches_from_backbone()
     model.config.qzoom_base_recipe = asdict(recipe)
     return save_checkpoint(model, processor, out_dir)
+
+
+def _reading_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Binary cross-entropy summed over classes, averaged over tokens."""
+    return torch.nn.functional.binary_cross_entropy_with_logits(logits, targets, reduction="none").sum(-1).mean()
+
+
+def pretrain_reading(
+    model: QZoomQwen2_5_VLForConditionalGeneration,
+    reader: torch.nn.Linear,
+    builder: ExampleBuilder,
+    pool: ItemPool,
+    rng: random.Random,
+    recipe: BaseRecipe,
+    merged: list[torch.Tensor],
+    *,
+    progress: bool,
+    log: Callable[[str], None],
+) -> None:
+    """Phase 0: the vision tower and the reading head on the reading loss alone (the decoder is not run)."""
+    vision = model.model.visual
+    params = [*vision.parameters(), *reader.parameters()]
+    optimizer = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=recipe.weight_decay)
+    started = time.perf_counter()
+    ema: float | None = None
+    bar = tqdm(range(recipe.read_steps), desc="base: reading", disable=not progress, dynamic_ncols=True)
+    for step in bar:
+        if step % recipe.read_refresh_every == 0:
+            pool.refresh(1)
+        examples = [
+            builder.crop(p, rng.randint(recipe.read_crop_min, recipe.read_crop_max), rng, _fresh_answer(p.item, rng))
+            for p in (rng.choice(pool.items) for _ in range(recipe.read_batch_size))
+        ]
+        targets = torch.cat([e.reading for e in examples if e.reading is not None])
+        for group in optimizer.param_groups:
+            group["lr"] = _lr_at(step, recipe.read_steps, recipe)
+        with torch.enable_grad():
+            vision(
+                torch.cat([e.pixel_values[0] for e in examples]), grid_thw=torch.stack([e.grids[0] for e in examples])
+            )
+            loss = _reading_loss(reader(merged[-1]), targets)
+        merged.clear()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        ema = loss.item() if ema is None else 0.95 * ema + 0.05 * loss.item()
+        bar.set_postfix(read=f"{ema:.3f}")
+        if not progress and (step + 1) % 100 == 0:
+            log(f"base reading step {step + 1}/{recipe.read_steps} loss {ema:.4f} {time.perf_counter() - started:.0f}s")
 
 
 def _log_checks(engine: QZoomEngine, items: Sequence[SyntheticItem], log: Callable[[str], None], when: str) -> None:

@@ -94,7 +94,7 @@ def train_demo(
     if (base_dir / "config.json").exists():
         log(f"demo: reusing the base model in {base_dir}")
     else:
-        timed("base", lambda: train_base(base_dir, base, progress=progress, log=log, check_items=0))
+        timed("base", lambda: train_base(base_dir, base, progress=progress, log=log, check_items=48))
 
     def config(stage: Any) -> Any:
         return stage.model_copy(update={"seed": recipe.seed, "progress": progress})
