@@ -71,13 +71,18 @@ def test_ask_readable_output_names_gate_and_boxes(tiny_dir, picture):
     ("extra", "message"),
     [
         (["--min-pixels", "9000000", "--max-pixels", "1000"], "must not exceed"),
-        (["--model", "/nonexistent"], "config.json"),
+        (["--model", "/nonexistent"], "model directory /nonexistent does not exist"),
     ],
 )
 def test_ask_errors_are_clear(tiny_dir, picture, extra, message):
     args = ["ask", str(picture), "q", "--model", str(tiny_dir), *extra]
     result = runner.invoke(app, args)
     assert result.exit_code == 2 and message in result.output
+
+
+def test_ask_names_a_folder_that_is_not_a_checkpoint(picture, tmp_path):
+    result = runner.invoke(app, ["ask", str(picture), "q", "--model", str(tmp_path)])
+    assert result.exit_code == 2 and "no config.json" in result.output
 
 
 def test_ask_rejects_a_text_file_posing_as_png(tiny_dir, tmp_path):
