@@ -124,6 +124,20 @@ def test_reading_targets_mark_the_tokens_that_show_each_glyph(family, answer):
         assert columns[answer[0]] <= columns[answer[-1]]
 
 
+@pytest.mark.parametrize("side", [56, 84, 140])
+def test_crops_are_whole_tokens_so_the_processor_does_not_resample_them(side):
+    model, processor = build_demo_model(MICRO)
+    builder = ExampleBuilder(QZoomEngine(model, processor), MICRO.min_pixels, MICRO.max_pixels)
+    for index in range(6):  # plates of every kind, some wider than the smaller sides asked for
+        item = generate_item("train", index, families=("code", "letter", "shape", "pattern"))
+        example = builder.crop(pool_item(item, MICRO.min_pixels, MICRO.max_pixels, reach=300), side, random.Random(0))
+        _, gh, gw = example.grids[0].tolist()
+        x0, y0, x1, y1 = item.box
+        # Grid of 14 px patches == the crop's own size / 14: no resize happened, and the whole plate is inside.
+        assert gh * 14 >= y1 - y0 and gw * 14 >= x1 - x0 and gh * 14 % 28 == 0 and gw * 14 % 28 == 0
+        assert gh * 14 >= side - 14 and gw * 14 >= side - 14
+
+
 def test_collate_marks_reading_targets_of_crops_only():
     model, processor = build_demo_model(MICRO)
     engine = QZoomEngine(model, processor)

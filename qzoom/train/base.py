@@ -351,10 +351,14 @@ class ExampleBuilder:
     def crop(self, p: PoolItem, side: int, rng: random.Random | None, answer: str | None = None) -> Example:
         """A native crop of about ``side`` px containing the target (at a random offset with ``rng``), alone.
 
-        The side is snapped to a multiple of the 28 px token, so the processor does not resample the crop: 1-px
-        patterns and 10-px glyphs reach the ViT intact (fused examples show the resampled crops of real boxes)."""
+        The side is snapped to a multiple of the 28 px token, and grown to one that holds the whole plate (a crop
+        narrower than the plate would grow to the plate's odd size), so the processor does not resample the crop:
+        1-px patterns and 10-px glyphs reach the ViT intact (fused examples show the resampled crops of real boxes).
+        """
         item = p.item
-        side = max(2 * PATCH_PX, PATCH_PX * round(side / PATCH_PX))
+        x0, y0, x1, y1 = item.box
+        plate = PATCH_PX * math.ceil(max(x1 - x0, y1 - y0) / PATCH_PX)
+        side = max(2 * PATCH_PX, plate, PATCH_PX * round(side / PATCH_PX))
         box = crop_box_around(item, side, rng=rng)
         image = crop_with_answer(item, box, answer, origin=p.origin)
         example = self.single(image, item.question, answer or item.answer, item.family, "crop")
