@@ -357,8 +357,8 @@ class ExampleBuilder:
         """
         item = p.item
         x0, y0, x1, y1 = item.box
-        plate = PATCH_PX * math.ceil(max(x1 - x0, y1 - y0) / PATCH_PX)
-        side = max(2 * PATCH_PX, plate, PATCH_PX * round(side / PATCH_PX))
+        plate_side = PATCH_PX * math.ceil(max(x1 - x0, y1 - y0) / PATCH_PX)
+        side = max(2 * PATCH_PX, plate_side, PATCH_PX * round(side / PATCH_PX))
         box = crop_box_around(item, side, rng=rng)
         image = crop_with_answer(item, box, answer, origin=p.origin)
         example = self.single(image, item.question, answer or item.answer, item.family, "crop")
