@@ -253,9 +253,9 @@ def serve(
     from qzoom.settings import get_settings
 
     _quiet_transformers()
-    overrides = {k: v for k, v in {"model": model, "redis_url": redis_url, "device": device}.items() if v}
-    settings = get_settings().model_copy(update=overrides)
-    settings = settings.model_copy(update={"model": _model_dir(settings.model, settings)})
+    base = get_settings()
+    overrides = {k: v for k, v in {"redis_url": redis_url, "device": device}.items() if v}
+    settings = base.model_copy(update={**overrides, "model": _model_dir(model, base)})
     # workers=1 always: every uvicorn worker would load its own copy of the model onto the same device.
     uvicorn.run(create_app(settings=settings), host=host, port=port, workers=1, log_level=log_level)
 

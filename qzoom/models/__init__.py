@@ -19,9 +19,9 @@ class ModelNotFoundError(FileNotFoundError):
     """No checkpoint was named and the package holds no demo model (or the named one does not exist)."""
 
 
-def default_model_dir(demo: Path | None = None) -> Path:
+def default_model_dir() -> Path:
     """The shipped demo model's directory; :class:`ModelNotFoundError` if this install has none."""
-    demo = demo or DEMO_MODEL
+    demo = DEMO_MODEL
     if not (demo / "config.json").is_file():
         raise ModelNotFoundError(
             f"no model given, and this install has no demo model ({demo}): pass --model DIR or set QZOOM_MODEL "

@@ -422,9 +422,9 @@ def collate(examples: Sequence[Example], pad_id: int, merge: int = 2) -> dict[st
     for e in examples:
         for i, g in enumerate(e.grids):
             n_tokens = int(g.prod()) // merge**2
-            has = e.reading is not None and i == 0
-            reading.append(e.reading if e.reading is not None and has else torch.zeros(n_tokens, len(READ_CLASSES)))
-            read_mask.append(torch.full((n_tokens,), has))
+            target = e.reading if i == 0 else None  # a crop example's one image
+            reading.append(target if target is not None else torch.zeros(n_tokens, len(READ_CLASSES)))
+            read_mask.append(torch.full((n_tokens,), target is not None))
     return {
         "input_ids": ids,
         "attention_mask": mask,
@@ -548,10 +548,11 @@ def train_base(
     reader = torch.nn.Linear(recipe.hidden_size, len(READ_CLASSES))  # the merger projects to the text width
     torch.nn.init.zeros_(reader.weight)
     torch.nn.init.constant_(reader.bias, -4.0)  # positives are a few tokens of each crop: start near p = 0
+    if recipe.read_steps:
+        pretrain_reading(model, reader, builder, pools["detail"], rng, recipe, progress=progress, log=log)
+    # The stock forward computes the merged image tokens internally; the hook hands them to the reading loss.
     merged: list[torch.Tensor] = []
     hook = model.model.visual.register_forward_hook(lambda _m, _i, out: merged.append(out.pooler_output))
-    if recipe.read_steps:
-        pretrain_reading(model, reader, builder, pools["detail"], rng, recipe, merged, progress=progress, log=log)
     optimizer = torch.optim.AdamW([*params, *reader.parameters()], lr=recipe.lr, weight_decay=recipe.weight_decay)
     total = recipe.crop_steps + recipe.mixed_steps
     pad_id = engine.pad_id
@@ -573,10 +574,7 @@ def train_base(
         # Explicitly on: a caller (or a test before this one) may have turned autograd off process-wide.
         with torch.enable_grad():
             loss, _ = answer_loss_and_hits(model, batch)
-            read_loss = torch.zeros(())
-            keep = batch["reading_mask"]
-            if recipe.read_weight > 0 and bool(keep.any()):
-                read_loss = _reading_loss(reader(merged[-1][keep]), batch["reading"][keep])
+            read_loss = _reading_loss(reader, merged[-1], batch) if recipe.read_weight > 0 else torch.zeros(())
         merged.clear()
         optimizer.zero_grad(set_to_none=True)
         (loss + recipe.read_weight * read_loss).backward()
@@ -601,9 +599,20 @@ def train_base(
     return save_checkpoint(model, processor, out_dir)
 
 
-def _reading_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Binary cross-entropy summed over classes, averaged over tokens."""
-    return torch.nn.functional.binary_cross_entropy_with_logits(logits, targets, reduction="none").sum(-1).mean()
+def _reading_loss(reader: torch.nn.Linear, merged: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The reading head's binary cross-entropy on the batch's labelled tokens (``collate``'s ``reading_mask``),
+    summed over classes and averaged over tokens; zero when no image of the batch is labelled.
+
+    ``merged``: the vision tower's merged tokens of every image of the batch, (N, hidden)."""
+    keep = batch["reading_mask"]
+    if not bool(keep.any()):
+        return torch.zeros(())
+    logits = reader(merged[keep])
+    return (
+        torch.nn.functional.binary_cross_entropy_with_logits(logits, batch["reading"][keep], reduction="none")
+        .sum(-1)
+        .mean()
+    )
 
 
 def pretrain_reading(
@@ -613,7 +622,6 @@ def pretrain_reading(
     pool: ItemPool,
     rng: random.Random,
     recipe: BaseRecipe,
-    merged: list[torch.Tensor],
     *,
     progress: bool,
     log: Callable[[str], None],
@@ -632,15 +640,12 @@ def pretrain_reading(
             builder.crop(p, rng.randint(recipe.read_crop_min, recipe.read_crop_max), rng, _fresh_answer(p.item, rng))
             for p in (rng.choice(pool.items) for _ in range(recipe.read_batch_size))
         ]
-        targets = torch.cat([e.reading for e in examples if e.reading is not None])
+        batch = collate(examples, builder.engine.pad_id)
         for group in optimizer.param_groups:
             group["lr"] = _lr_at(step, recipe.read_steps, recipe)
         with torch.enable_grad():
-            vision(
-                torch.cat([e.pixel_values[0] for e in examples]), grid_thw=torch.stack([e.grids[0] for e in examples])
-            )
-            loss = _reading_loss(reader(merged[-1]), targets)
-        merged.clear()
+            merged = vision(batch["pixel_values"], grid_thw=batch["image_grid_thw"]).pooler_output
+            loss = _reading_loss(reader, merged, batch)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
