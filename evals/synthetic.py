@@ -24,11 +24,11 @@ Contract:
 Why detail is lost in the coarse view (checked without a model in ``tests/test_synthetic.py``): the coarse view is
 the whole image resized to :data:`COARSE_TOKENS` merged tokens of :data:`PATCH_PX` pixels (448x448 for a square),
 a downscale of 2x at 896 px and 9x at 4096 px (median about 5.5x; under 4x for about a fifth of the canvases). The
-detail has a fixed native size (glyphs 10-13 px tall, shapes on 14-20 px tiles, patterns of 18-26 px) while plate
+detail has a fixed native size (glyphs 20-27 px tall, shapes on 26-34 px tiles, patterns of 18-26 px) while plate
 borders (about 3 coarse pixels), large regions and large frames scale with the canvas, so "where" and the coarse
 answers survive the downscale and "what" does not. The patterns are 1-px, 50 % duty and share one mean, so they
 cancel under any >= 2x antialiased downscale; the shapes have equal ink area, so they leave blobs of the same
-weight; text and shapes keep a blurred residue that shrinks with the factor (legible only near 2-3x). A native
+weight; text and shapes keep a blurred residue that shrinks with the factor (legible up to about 4x). A native
 crop keeps everything.
 
 Scoring: :func:`normalize_answer` / :func:`exact_match` (lower case, number words to digits, a leading article and
@@ -83,6 +83,7 @@ __all__ = [
     "LargeFrame",
     "LargeRegion",
     "Plate",
+    "PlateKind",
     "Scene",
     "SyntheticItem",
     "box_contains",
@@ -92,11 +93,13 @@ __all__ = [
     "crop_around",
     "crop_box_around",
     "crop_with_answer",
+    "detail_size",
     "exact_match",
     "export",
     "generate_item",
     "iterate",
     "normalize_answer",
+    "render_detail",
     "render_scene",
     "with_answer",
 ]
@@ -106,7 +109,7 @@ RGB = tuple[int, int, int]
 PlateKind = Literal["code", "letter", "shape", "pattern"]
 
 # Bump when the drawing changes, so that a stored export can be told apart from a new one; it also salts the RNG.
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2  # 2: details twice as large (a from-scratch ViT learns them, see _FONT_SIZES)
 
 SPLITS = ("train", "val", "test")
 FAMILIES = ("code", "code_at", "letter", "shape", "pattern", "colour", "count")
@@ -162,7 +165,11 @@ MIN_CANVAS_SIDE = 256
 
 _INK: RGB = (22, 22, 26)
 _PLATE_FILL: RGB = (238, 238, 234)
-_FONT_SIZES = (14, 15, 16, 17, 18)  # Aileron cap height 10-13 px: legible natively, gone at >= 3-4x downscale
+# Aileron cap height 20-27 px, one glyph to about one 28 px token: legible natively, a few coarse pixels at the
+# median 5.5x downscale. Why not smaller: a ViT trained from scratch with 14 px patches learns a glyph at every
+# sub-patch offset separately; at 10-13 px it was at 33% after 80 k isolated samples, at 20-27 px at 96% (a probe,
+# numbers in README "The demo model"), and the demo model has 30 CPU minutes to learn.
+_FONT_SIZES = (30, 32, 34, 36)
 # What a detail family's plates show.
 _PLATE_KIND: Mapping[str, PlateKind] = {
     "code": "code",
@@ -324,11 +331,12 @@ def _random_value(rng: random.Random, kind: PlateKind) -> str:
     return rng.choice(PATTERNS)
 
 
-def _random_size(rng: random.Random, kind: PlateKind) -> int:
+def detail_size(rng: random.Random, kind: PlateKind) -> int:
+    """A random font size (codes, letters) or tile side (shapes, patterns) of a plate's detail."""
     if kind in ("code", "letter"):
         return rng.choice(_FONT_SIZES)
     if kind == "shape":
-        return rng.randint(14, 20)
+        return rng.randint(26, 34)
     return rng.randint(18, 26)
 
 
@@ -338,7 +346,7 @@ def _make_plate(
     scale = _coarse_scale(*canvas)
     # The border is about 3 coarse pixels wide at every canvas size, so the plate's colour survives the coarse view.
     border = max(3, round(3.0 * scale))
-    size = _random_size(rng, kind)
+    size = detail_size(rng, kind)
     content_w, content_h = _content_size(kind, size)
     pad = rng.randint(5, 9)
     outer = (content_w + 2 * (pad + border), content_h + 2 * (pad + border))
@@ -374,12 +382,12 @@ def _make_clutter(rng: random.Random, canvas: tuple[int, int], taken: list[Box])
     for _ in range(count):
         kind: Literal["code", "shape"] = "code" if rng.random() < 0.7 else "shape"
         if kind == "code":
-            size = rng.randint(12, 22)
+            size = rng.randint(24, 38)
             length = rng.randint(2, 5)
             value = "".join(rng.choice(CODE_ALPHABET) for _ in range(length))
             w, h = _text_slot(size, length)
         else:
-            size = rng.randint(12, 26)
+            size = rng.randint(24, 40)
             value = rng.choice(SHAPES)
             w = h = size
         for _attempt in range(20):
@@ -698,6 +706,24 @@ def _draw_detail(
     else:
         image.paste(_pattern_tile(value, size, ink, paper), (x, y))
     return (x, y, x + size, y + size)
+
+
+def render_detail(kind: PlateKind, value: str, size: int) -> tuple[Image.Image, list[tuple[float, float, str]]]:
+    """A plate's detail alone, drawn exactly as on a plate (ink on the plate's fill, at font or tile ``size``), in a
+    tight image; with where each thing it shows is centred: one ``(x, y, name)`` per glyph of a code, else one for
+    the letter, shape or pattern. For teaching a vision tower to read before it answers (``qzoom.train.base``)."""
+    w, h = _content_size(kind, size)
+    image = Image.new("RGB", (w, h), _PLATE_FILL)
+    ink = _draw_detail(image, ImageDraw.Draw(image), kind, value, (0, 0, w, h), size, _INK, _PLATE_FILL)
+    if kind not in ("code", "letter"):
+        return image, [((ink[0] + ink[2]) / 2, (ink[1] + ink[3]) / 2, value)]
+    font = _font(size)
+    centres = []
+    for i, char in enumerate(value):  # BASIC layout: no kerning, glyph i starts at the advance of the prefix
+        left, _, right, _ = font.getbbox(char)
+        x = ink[0] - font.getbbox(value)[0] + font.getlength(value[:i])
+        centres.append((x + (left + right) / 2, (ink[1] + ink[3]) / 2, char))
+    return image, centres
 
 
 def _render(scene: Scene) -> tuple[Image.Image, Box | None]:

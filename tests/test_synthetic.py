@@ -37,6 +37,7 @@ from qzoom.evals.synthetic import (
     generate_item,
     iterate,
     normalize_answer,
+    render_detail,
     render_scene,
     with_answer,
 )
@@ -175,10 +176,10 @@ def test_detail_targets_are_small_and_coarse_targets_are_large(default_items: li
         to_coarse = coarse_size(width, height)[0] / width
         x0, y0, x1, y1 = it.box
         if it.needs_detail:
-            # The answer's ink is a few dozen native pixels, a few coarse pixels, whatever the canvas.
+            # The answer's ink is at most three 28 px tokens wide natively, a few coarse pixels at most canvases.
             cx0, cy0, cx1, cy1 = it.content_box
-            assert max(cx1 - cx0, cy1 - cy0) <= 48
-            assert max(x1 - x0, y1 - y0) <= 0.12 * min(width, height)
+            assert max(cx1 - cx0, cy1 - cy0) <= 84
+            assert max(x1 - x0, y1 - y0) <= 0.15 * min(width, height)
             # The plate itself (where) stays visible at coarse scale: its border alone is about 2 x 3 coarse pixels.
             assert min(x1 - x0, y1 - y0) * to_coarse >= 7
         else:
@@ -242,6 +243,29 @@ def test_the_bundled_font_renders_at_every_size_used() -> None:
     assert heights == sorted(heights) and heights[-1] > heights[0]
 
 
+@pytest.mark.parametrize("family", ["code", "letter", "shape", "pattern"])
+def test_render_detail_draws_the_plates_ink_and_says_where_each_glyph_is(family):
+    for index in range(3):
+        it = generate_item("train", index, families=[family])
+        plate = it.scene.plates[it.scene.target or 0]
+        image, centres = render_detail(plate.kind, plate.value, plate.size)
+
+        # The same ink as on the plate (up to where it sits): compare the dark masks cropped to their extent.
+        def ink(img: Image.Image) -> np.ndarray:
+            dark = np.asarray(img.convert("L")) < 128
+            ys, xs = np.nonzero(dark)
+            return dark[ys.min() : ys.max() + 1, xs.min() : xs.max() + 1]
+
+        assert np.array_equal(ink(image), ink(it.image.crop(it.content_box)))
+        names = [name for _, _, name in centres]
+        assert names == (list(plate.value) if family == "code" else [plate.value])
+        xs = [x for x, _, _ in centres]
+        assert xs == sorted(xs)
+        dark = np.asarray(image.convert("L")) < 128
+        for x, y, _ in centres:  # every centre sits on its glyph's ink: some dark pixel within a few pixels
+            assert dark[max(0, int(y) - 4) : int(y) + 5, max(0, int(x) - 4) : int(x) + 5].any()
+
+
 # ----------------------------------------------------------------------------------------- the Q-Zoom key property
 
 
@@ -261,7 +285,8 @@ def test_the_coarse_view_loses_the_detail_and_a_native_crop_keeps_it() -> None:
     # Two items that differ only in the answer. In a native crop they differ by the full ink contrast; in the
     # 256-token coarse view (448x448 for a square) the difference over the target box keeps only a fraction of its
     # native RMS: for the 1-px patterns almost nothing at any canvas size (same mean, period 2), for text and shapes
-    # a blur residue that shrinks with the downscale factor (2x at 896 px to 9x at 4096 px).
+    # a blur residue that shrinks with the downscale factor (2x at 896 px to 9x at 4096 px): under half the native
+    # RMS from 6x on, where a 20-27 px glyph is 3-4 coarse pixels tall.
     rng = random.Random(0)
     ratios: dict[str, list[float]] = {f: [] for f in DETAIL_FAMILIES}
     for it in iterate("test", 15, families=["code", "letter", "shape", "pattern", "code_at"]):
@@ -275,14 +300,14 @@ def test_the_coarse_view_loses_the_detail_and_a_native_crop_keeps_it() -> None:
         scale = it.canvas[0] / coarse_size(*it.canvas)[0]
         if it.family == "pattern":
             assert ratio < 0.12 and coarse_max < 30, (it.uid, ratio, coarse_max)
-        elif scale >= 4:
+        elif scale >= 6:
             assert ratio < 0.5, (it.uid, ratio)
         # The native crop shows the answer with full contrast: what Q-Zoom's crop feeds the model.
         crop_a, crop_b = crop_around(it, 448), crop_around(twin, 448)
         assert np.abs(_pixels(crop_a) - _pixels(crop_b)).max() > 150
         assert crop_a.tobytes() == it.image.crop(crop_box_around(it, 448)).tobytes()  # native pixels, no resampling
     everything = [r for family in ratios.values() for r in family]
-    assert float(np.median(everything)) < 0.25
+    assert float(np.median(everything)) < 0.45
     assert max(ratios["pattern"]) < 0.12
 
 

@@ -3,6 +3,7 @@ writes a loadable checkpoint, `qzoom eval demo` measures every configuration on 
 
 from __future__ import annotations
 
+import dataclasses
 import random
 
 import numpy as np
@@ -19,10 +20,14 @@ from qzoom.train.base import (
     READ_CLASSES,
     BaseRecipe,
     ExampleBuilder,
+    ItemPool,
+    _draw_batch,
     _grid_box_around,
+    _reading_loss,
     build_demo_model,
     collate,
     pool_item,
+    reading_drill,
     train_base,
 )
 
@@ -138,6 +143,50 @@ def test_crops_are_whole_tokens_so_the_processor_does_not_resample_them(side):
         assert gh * 14 >= side - 14 and gw * 14 >= side - 14
 
 
+def test_reading_drills_mark_what_they_draw_on_the_token_that_shows_it():
+    rng = random.Random(0)
+    seen = set()
+    for _ in range(60):
+        side = rng.choice((56, 84))
+        image, targets = reading_drill(rng, side)
+        g = side // 28
+        assert image.size == (side, side) and targets.shape == (g * g, len(READ_CLASSES))
+        dark = np.asarray(image.convert("L")) < 128
+        for token, cls in targets.nonzero().tolist():
+            row, col = divmod(token, g)
+            assert dark[row * 28 : (row + 1) * 28, col * 28 : (col + 1) * 28].any()  # the token shows ink
+            seen.add(READ_CLASSES[cls])
+        if not targets.any():  # a code that ran off the image entirely is rare but allowed; never ink unmarked
+            assert not dark[4:-4, 4:-4].any()
+    assert {"circle", "checker"} & seen and len(seen) > 12  # every kind of detail comes up
+    image_a, targets_a = reading_drill(random.Random(7), 84)
+    image_b, targets_b = reading_drill(random.Random(7), 84)
+    assert image_a.tobytes() == image_b.tobytes() and torch.equal(targets_a, targets_b)
+
+
+def test_reading_loss_weighs_marked_and_empty_tokens_alike_and_splits_two_glyphs():
+    hidden, n_cls = 8, len(READ_CLASSES) + 1
+    reader = torch.nn.Linear(hidden, n_cls)
+    torch.nn.init.zeros_(reader.weight)
+    torch.nn.init.zeros_(reader.bias)
+    marks = torch.zeros(5, len(READ_CLASSES))
+    marks[0, 3] = 1.0
+    marks[1, [2, 4]] = 1.0  # two glyph centres on one token: half each
+    batch = {"reading": marks, "reading_mask": torch.tensor([True, True, True, True, False])}
+    merged = torch.zeros(5, hidden)
+    # Uniform logits: every token costs log(n_cls), so the two means add up to 2 log(n_cls).
+    assert _reading_loss(reader, merged, batch).item() == pytest.approx(2 * np.log(n_cls), rel=1e-5)
+    # Class 2 raised by 2 (partition Z = e^2 + n_cls - 1): the two-glyph token pays log Z - 1 (half its target on
+    # class 2), the one-glyph and the empty tokens log Z each: (2 log Z - 1) / 2 + log Z.
+    with torch.no_grad():
+        reader.bias[2] = 2.0
+    z = np.exp(2.0) + n_cls - 1
+    assert _reading_loss(reader, merged, batch).item() == pytest.approx(2 * np.log(z) - 0.5, rel=1e-5)
+    # A batch with no labelled token costs nothing.
+    none = {"reading": marks, "reading_mask": torch.zeros(5, dtype=torch.bool)}
+    assert _reading_loss(reader, merged, none).item() == 0.0
+
+
 def test_collate_marks_reading_targets_of_crops_only():
     model, processor = build_demo_model(MICRO)
     engine = QZoomEngine(model, processor)
@@ -150,6 +199,32 @@ def test_collate_marks_reading_targets_of_crops_only():
     assert batch["reading"].shape[0] == sum(n_tokens) == batch["reading_mask"].shape[0]
     assert batch["reading_mask"].tolist() == [False] * (n_tokens[0] + n_tokens[1]) + [True] * n_tokens[2]
     assert torch.equal(batch["reading"][-n_tokens[2] :], crop.reading)
+
+
+def test_whole_view_batches_show_small_scenes_whole_and_coarse_families_at_the_budget():
+    # A whole-view step: detail questions on small canvases seen whole (the named plate among others, about native
+    # scale), or coarse questions on the coarse view; never crops, so the batch has one sequence length class.
+    recipe = dataclasses.replace(MICRO, scene_frac=1.0, scene_batch_size=8, pool_size=4)
+    model, processor = build_demo_model(recipe)
+    engine = QZoomEngine(model, processor)
+    builder = ExampleBuilder(engine, recipe.min_pixels, recipe.max_pixels)
+    sides = (recipe.scene_min_side, recipe.scene_max_side)
+    pools = {
+        "detail": ItemPool(recipe, ("letter",), 0, "detail", progress=False),
+        "coarse": ItemPool(recipe, ("colour", "count"), 100, "coarse", progress=False),
+        "scene": ItemPool(recipe, ("code", "letter"), 200, "scene", progress=False, sides=sides),
+    }
+    assert all(min(p.item.canvas) >= 448 and max(p.item.canvas) <= 640 for p in pools["scene"].items)
+    batch = _draw_batch(builder, pools, random.Random(3), recipe, phase=1)
+    assert len(batch) == 8 and {e.view for e in batch} == {"coarse"}
+    families = {e.family for e in batch}
+    assert families & {"code", "letter"} and families & {"colour", "count"}
+    for e in batch:
+        _, gh, gw = (int(v) for v in e.grids[0])
+        assert gh * gw // 4 <= 256 and e.reading is None
+        if e.family in ("code", "letter"):  # a 448-640 px canvas at the 256-token budget: at most 1.43x smaller
+            assert min(gh, gw) * 14 >= 448 / 1.43
+    assert all(len(p.item.scene.plates) >= 2 for p in pools["scene"].items)  # the question has to pick one
 
 
 def test_train_base_writes_a_loadable_qzoom_checkpoint(micro_dir):

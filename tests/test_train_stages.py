@@ -166,7 +166,13 @@ def test_stage1_labels_never_see_ground_truth_boxes(base_dir, items):
     moved = [dataclasses.replace(i, box=(0, 0, 10, 10)) for i in chosen]
     blind = [dataclasses.replace(i, box=None) for i in chosen]
     reference = pseudo_labels(engine, chosen, HEADS, config)
-    assert pseudo_labels(engine, moved, HEADS, config) == reference == pseudo_labels(engine, blind, HEADS, config)
+    for other in (pseudo_labels(engine, moved, HEADS, config), pseudo_labels(engine, blind, HEADS, config)):
+        # The same labels; the peak only up to float rounding (the first pass encodes the images, later ones reuse
+        # the engine's cached features, which a batched ViT pass rounds differently in the last bit).
+        assert [{k: v for k, v in r.items() if k != "peak"} for r in other] == [
+            {k: v for k, v in r.items() if k != "peak"} for r in reference
+        ]
+        assert [r["peak"] for r in other] == pytest.approx([r["peak"] for r in reference], rel=1e-5)
 
 
 def test_stage1_picks_heads_on_calibration_items(base_dir, items, tmp_path):
@@ -375,7 +381,9 @@ def write_jsonl(directory: Path, items, answers_: list[str]) -> Path:
 
 
 def test_train_commands_end_to_end(base_dir, items, tmp_path):
-    two = [items[0], items[1]]
+    # Two items whose answers the random micro model changes across the Stage-3 ladder (with others every ladder is
+    # `easy` and Stage 3 rightly stops: nothing to learn); this test is about the commands' plumbing.
+    two = [items[1], items[3]]
     data = write_jsonl(tmp_path / "data", two, [item.answer for item in two])
     budget = ["--min-pixels", str(MIN_PIXELS), "--max-pixels", str(MAX_PIXELS), "--max-new-tokens", "2"]
     steps = ["--max-steps", "1", "--batch-size", "2"]
@@ -467,7 +475,10 @@ def test_stage2_without_regressions_keeps_the_model_and_llm_judge_errors_are_rec
 
 def test_train_stage1_command_on_synthetic_items_picks_heads(base_dir, tmp_path):
     out = tmp_path / "s1"
+    # --data-seed 1: items on which the random micro model's attention peaks enough to be labelled (with seed 0 all
+    # four are rejected as weak_peak, which ends the command, as it should); this test is about picking heads.
     args = ["train", "stage1", str(base_dir), str(out), "--synthetic", "4", "--calibration", "3", "--top-k-heads", "2"]
+    args += ["--data-seed", "1"]
     args += ["--min-side", "256", "--max-side", "256", "--max-steps", "1", "--max-new-tokens", "2"]
     args += ["--min-pixels", str(MIN_PIXELS), "--max-pixels", str(MAX_PIXELS)]
     result = CliRunner().invoke(app, args)

@@ -7,16 +7,20 @@ Contract:
   Q-Zoom branch fields in its config (the branches are copied from the backbone after training; Stages 1-3 train
   them). Its pixel budget is the benchmark's small one: at most :data:`~qzoom.evals.synthetic.COARSE_TOKENS` merged
   tokens per view, and as few as :data:`MIN_VIEW_TOKENS` so that a small zoom crop is not upsampled.
-* :func:`train_base` trains it on the benchmark's *train* split with a curriculum and writes an HF checkpoint:
-  phase 0 trains the vision tower alone on a dense reading loss (:func:`reading_targets`: which glyph, shape or
-  pattern each merged token of a native crop shows, through a linear head that is dropped afterwards), because
-  with the answer loss alone a from-scratch model of this size sat at the answer priors for 900+ steps (the ViT
-  gets its signal only through decoder attention that is itself untrained); phase 1 shows native-resolution crops
-  around the target with the answer loss (the reading loss alongside; short sequences, the §4 finding that this
-  is what gets a from-scratch model off the ground); phase 2 mixes those crops with the coarse
-  view alone for the coarse families (colour, count) and with the fused sequence Q-Zoom feeds (coarse view + a
-  native crop spliced after it with the engine's aligned M-RoPE positions) for every family. The coarse view is
-  never paired with a detail answer alone: the detail is not in its pixels, so such examples are label noise.
+* :func:`train_base` trains it on the benchmark's *train* split with a curriculum and writes an HF checkpoint.
+  Phase 0 trains the vision tower alone to read: small :func:`reading_drill` images (one plate detail drawn as on
+  a plate, 56-84 px) with a per-token cross-entropy through a linear head that is dropped afterwards (which glyph,
+  shape or pattern each merged token shows, or nothing). With the answer loss alone a from-scratch model of this
+  size sat at the answer priors for 900+ steps (the ViT gets its signal only through decoder attention that is
+  itself untrained), and a 14 px-patch ViT needs many samples to see a glyph at every offset inside a patch, so
+  cheap samples come first. Phase 1 shows native-resolution crops around the target with the answer loss (the
+  reading loss alongside, on :func:`reading_targets` of the crop; short sequences, the §4 finding that this is
+  what gets a from-scratch model off the ground). Phase 2 mixes those crops with the coarse view of the coarse
+  families (colour, count), a few coarse views of detail questions, and the fused sequence Q-Zoom feeds (coarse
+  view + a native crop spliced after it with the engine's aligned M-RoPE positions) for every family. In both
+  phases a share of the steps are whole views: *scenes* (detail items on small canvases, seen whole at about
+  native scale, several plates in view, so the question's colour or position word has to pick the plate) and coarse
+  views of the coarse families; scenes are what teach the model to look at the named plate, which Stage 1 distils.
   The loss is on the answer tokens and ``<|im_end|>`` only. Seeded: the same recipe gives the same weights as far as
   torch's CPU kernels are deterministic.
 * :func:`view_accuracy` is the quick teacher-forced check used between phases: greedy decoding reproduces the answer
@@ -51,16 +55,22 @@ from qzoom.evals.synthetic import (
     COARSE_FAMILIES,
     COARSE_TOKENS,
     CODE_ALPHABET,
+    CODE_LENGTH,
+    COLOURS,
     DETAIL_FAMILIES,
     FAMILIES,
+    LETTERS,
     PATCH_PX,
     PATTERNS,
     SHAPES,
+    PlateKind,
     SyntheticItem,
     crop_box_around,
     crop_with_answer,
+    detail_size,
     generate_item,
     iterate,
+    render_detail,
 )
 from qzoom.modeling import QZoomQwen2_5_VLForConditionalGeneration, enable_qzoom
 from qzoom.offline import OfflineQwen2_5_VLProcessor, build_processor, build_tokenizer, tiny_qwen25vl_config
@@ -103,12 +113,21 @@ class BaseRecipe:
     coarse_detail_frac: float = 0.25  # of the coarse views, detail questions (see `_draw_batch`)
     # Phase 0: the vision tower alone on the reading loss (see `reading_targets`), large batches of small crops (no
     # decoder: about 190 crops a second on 2 cores); then the same loss rides along on crops at `read_weight`.
-    read_steps: int = 800
+    read_steps: int = 1500
+    read_lr: float = 2e-3
     read_batch_size: int = 64
-    read_crop_min: int = 84
-    read_crop_max: int = 140
-    read_refresh_every: int = 4  # steps per new pool item in phase 0: fresh answers make each crop new anyway
+    read_side_max: int = 84  # phase-0 images are 56 or 84 px (see `reading_drill`)
     read_weight: float = 1.0
+    # Scenes: whole detail items on small canvases (`scene_min_side`..`scene_max_side`), seen whole at the budget
+    # (about native scale, several plates in view). To answer, the model has to find the plate the question names
+    # and read it in one view; that habit is what puts its answer->image attention on the named plate in the coarse
+    # view of a large canvas too, where Stage 1 distils the SD-RPN from it. A step is a batch of whole views with
+    # probability `scene_frac`: half scenes, half coarse views of the coarse families (its own batch: 256-token
+    # sequences beside 16-token crops would be mostly padding).
+    scene_frac: float = 0.3
+    scene_batch_size: int = 6
+    scene_min_side: int = 448
+    scene_max_side: int = 640
 
     @property
     def max_pixels(self) -> int:
@@ -465,17 +484,31 @@ class ItemPool:
     """A rolling pool of train-split items, refreshed a few at a time (rendering costs ~60 ms an item)."""
 
     def __init__(
-        self, recipe: BaseRecipe, families: Sequence[str], start: int, desc: str, progress: bool = True
+        self,
+        recipe: BaseRecipe,
+        families: Sequence[str],
+        start: int,
+        desc: str,
+        progress: bool = True,
+        sides: tuple[int, int] = (896, 4096),
     ) -> None:
         self.recipe = recipe
         self.families = tuple(families)
+        self.sides = sides
         self.next_index = start
         self.items = [self._new() for _ in tqdm(range(recipe.pool_size), desc=desc, disable=not progress, leave=False)]
         self.cursor = 0
 
     def _new(self) -> PoolItem:
         r = self.recipe
-        item = generate_item("train", self.next_index, seed=r.seed, families=self.families)
+        item = generate_item(
+            "train",
+            self.next_index,
+            seed=r.seed,
+            families=self.families,
+            min_side=self.sides[0],
+            max_side=self.sides[1],
+        )
         self.next_index += 1
         return pool_item(item, r.min_pixels, r.max_pixels, reach=r.crop_max)
 
@@ -495,6 +528,12 @@ def _lr_at(step: int, total: int, recipe: BaseRecipe) -> float:
 def _draw_batch(
     builder: ExampleBuilder, pools: dict[str, ItemPool], rng: random.Random, recipe: BaseRecipe, phase: int
 ) -> list[Example]:
+    if "scene" in pools and rng.random() < recipe.scene_frac:
+        # Whole views only (sequences of one length): scenes, and coarse views of the coarse families.
+        picks = [
+            rng.choice(pools["scene" if rng.random() < 0.5 else "coarse"].items) for _ in range(recipe.scene_batch_size)
+        ]
+        return [builder.single(p.coarse, p.item.question, p.item.answer, p.item.family, "coarse") for p in picks]
     examples = []
     n_fam = len(FAMILIES)
     size = recipe.batch_size if phase == 1 else recipe.mixed_batch_size
@@ -543,13 +582,16 @@ def train_base(
         "detail": ItemPool(recipe, detail, start=0, desc="render (detail)", progress=progress),
         "coarse": ItemPool(recipe, coarse, start=10_000_000, desc="render (coarse)", progress=progress),
     }
+    if recipe.scene_frac > 0:
+        sides = (recipe.scene_min_side, recipe.scene_max_side)
+        pools["scene"] = ItemPool(
+            recipe, detail, start=20_000_000, desc="render (scene)", progress=progress, sides=sides
+        )
     params = [p for n, p in model.named_parameters() if not _is_branch(n)]
     # The reading head (see `reading_targets`) reads the merger's output; it is trained here and not saved.
-    reader = torch.nn.Linear(recipe.hidden_size, len(READ_CLASSES))  # the merger projects to the text width
-    torch.nn.init.zeros_(reader.weight)
-    torch.nn.init.constant_(reader.bias, -4.0)  # positives are a few tokens of each crop: start near p = 0
+    reader = torch.nn.Linear(recipe.hidden_size, len(READ_CLASSES) + 1)  # the merger projects to the text width
     if recipe.read_steps:
-        pretrain_reading(model, reader, builder, pools["detail"], rng, recipe, progress=progress, log=log)
+        pretrain_reading(model, reader, builder, rng, recipe, progress=progress, log=log)
     # The stock forward computes the merged image tokens internally; the hook hands them to the reading loss.
     merged: list[torch.Tensor] = []
     hook = model.model.visual.register_forward_hook(lambda _m, _i, out: merged.append(out.pooler_output))
@@ -561,13 +603,24 @@ def train_base(
     read_ema: float | None = None
     bar = tqdm(range(total), desc="base", disable=not progress, dynamic_ncols=True)
     checks = list(iterate("val", check_items, seed=recipe.seed)) if check_items else []
+    scene_checks = []
+    if check_items and recipe.scene_frac > 0:
+        scene_checks = list(
+            iterate(
+                "val",
+                check_items,
+                seed=recipe.seed,
+                families=detail,
+                min_side=recipe.scene_min_side,
+                max_side=recipe.scene_max_side,
+            )
+        )
     for step in bar:
         phase = 1 if step < recipe.crop_steps else 2
         if checks and step == recipe.crop_steps:
-            _log_checks(engine, checks, log, "after phase 1")
-        active = ("detail",) if phase == 1 else ("detail", "coarse")
-        for name in active:
-            pools[name].refresh(recipe.refresh)
+            _log_checks(engine, checks, log, "after phase 1", scene_checks)
+        for pool in pools.values():
+            pool.refresh(recipe.refresh)
         batch = collate(_draw_batch(builder, pools, rng, recipe, phase), pad_id)
         for group in optimizer.param_groups:
             group["lr"] = _lr_at(step, total, recipe)
@@ -592,7 +645,7 @@ def train_base(
     hook.remove()
     log(f"base: {total} steps in {time.perf_counter() - started:.0f} s, final loss (EMA) {ema:.4f}")
     if checks:
-        _log_checks(engine, checks, log, "final")
+        _log_checks(engine, checks, log, "final", scene_checks)
     model.eval()
     model.init_branches_from_backbone()
     model.config.qzoom_base_recipe = asdict(recipe)
@@ -600,51 +653,98 @@ def train_base(
 
 
 def _reading_loss(reader: torch.nn.Linear, merged: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """The reading head's binary cross-entropy on the batch's labelled tokens (``collate``'s ``reading_mask``),
-    summed over classes and averaged over tokens; zero when no image of the batch is labelled.
+    """The reading head's cross-entropy on the batch's labelled tokens (``collate``'s ``reading_mask``): a softmax
+    over :data:`READ_CLASSES` and one more class, "nothing", per token; a token that shows two glyph centres
+    has both as a soft target. The tokens that show a detail and those that show none are averaged apart and the
+    two means added, so the few tokens with a glyph weigh as much as the many without. Zero when nothing is
+    labelled.
 
-    ``merged``: the vision tower's merged tokens of every image of the batch, (N, hidden)."""
+    ``reader`` maps the vision tower's merged tokens (N, hidden) to ``len(READ_CLASSES) + 1`` logits."""
     keep = batch["reading_mask"]
     if not bool(keep.any()):
         return torch.zeros(())
-    logits = reader(merged[keep])
-    return (
-        torch.nn.functional.binary_cross_entropy_with_logits(logits, batch["reading"][keep], reduction="none")
-        .sum(-1)
-        .mean()
-    )
+    marks = batch["reading"][keep]  # (n, classes) multi-hot
+    shows = marks.any(-1)
+    target = torch.cat([marks, (~shows).float()[:, None]], dim=-1)
+    target = target / target.sum(-1, keepdim=True)
+    per_token = torch.nn.functional.cross_entropy(reader(merged[keep]), target, reduction="none")
+    loss = per_token[~shows].mean() if bool((~shows).any()) else torch.zeros(())
+    return loss + per_token[shows].mean() if bool(shows.any()) else loss
+
+
+_DRILL_KINDS: tuple[PlateKind, ...] = ("code", "code", "letter", "shape", "pattern")
+
+
+def reading_drill(rng: random.Random, side: int) -> tuple[Image.Image, torch.Tensor]:
+    """A ``side`` x ``side`` px image (a multiple of 28) of one plate detail drawn as on a plate, at a random
+    sub-pixel-free offset (codes may run off an edge), sometimes beside a coloured border band; and its reading
+    targets as :func:`reading_targets` marks them (each glyph, shape or pattern on the token holding its centre;
+    glyphs whose centre is off the image are not marked).
+
+    Why: a ViT with 14 px patches learns a glyph separately at every offset inside a patch, so it needs many samples;
+    these cost a fraction of a benchmark crop (4-9 tokens, no scene to render), so phase 0 sees several times more.
+    """
+    kind = rng.choice(_DRILL_KINDS)
+    value = "".join(rng.choice(CODE_ALPHABET) for _ in range(CODE_LENGTH)) if kind == "code" else ""
+    if kind == "letter":
+        value = rng.choice(LETTERS)
+    elif kind in ("shape", "pattern"):
+        value = rng.choice(SHAPES if kind == "shape" else PATTERNS)
+    detail, centres = render_detail(kind, value, detail_size(rng, kind))
+    image = Image.new("RGB", (side, side), detail.getpixel((0, 0)))
+    if rng.random() < 0.5:  # a border band of a named colour along one edge, as near a plate's rim
+        band = rng.randint(3, 12)
+        colour = COLOURS[rng.choice(tuple(COLOURS))]
+        edge = rng.randrange(4)
+        box = [(0, 0, band, side), (side - band, 0, side, side), (0, 0, side, band), (0, side - band, side, side)][edge]
+        image.paste(colour, box)
+    fits_x = side - detail.width
+    x = rng.randint(min(0, fits_x), max(0, fits_x)) if kind == "code" else rng.randint(0, max(0, fits_x))
+    y = rng.randint(0, max(0, side - detail.height))
+    image.paste(detail, (x, y))
+    g = side // PATCH_PX
+    targets = torch.zeros(g * g, len(READ_CLASSES))
+    for cx, cy, name in centres:
+        px, py = x + cx, y + cy
+        if 0 <= px < side and 0 <= py < side:
+            targets[int(py // PATCH_PX) * g + int(px // PATCH_PX), READ_CLASSES.index(name)] = 1.0
+    return image, targets
 
 
 def pretrain_reading(
     model: QZoomQwen2_5_VLForConditionalGeneration,
     reader: torch.nn.Linear,
     builder: ExampleBuilder,
-    pool: ItemPool,
     rng: random.Random,
     recipe: BaseRecipe,
     *,
     progress: bool,
     log: Callable[[str], None],
 ) -> None:
-    """Phase 0: the vision tower and the reading head on the reading loss alone (the decoder is not run)."""
+    """Phase 0: the vision tower and the reading head on the reading loss alone, on :func:`reading_drill` images
+    (the decoder is not run)."""
     vision = model.model.visual
     params = [*vision.parameters(), *reader.parameters()]
-    optimizer = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=recipe.weight_decay)
+    optimizer = torch.optim.AdamW(params, lr=recipe.read_lr, weight_decay=recipe.weight_decay)
     started = time.perf_counter()
     ema: float | None = None
     bar = tqdm(range(recipe.read_steps), desc="base: reading", disable=not progress, dynamic_ncols=True)
+    sides = range(2 * PATCH_PX, recipe.read_side_max + 1, PATCH_PX)
     for step in bar:
-        if step % recipe.read_refresh_every == 0:
-            pool.refresh(1)
-        examples = [
-            builder.crop(p, rng.randint(recipe.read_crop_min, recipe.read_crop_max), rng, _fresh_answer(p.item, rng))
-            for p in (rng.choice(pool.items) for _ in range(recipe.read_batch_size))
-        ]
-        batch = collate(examples, builder.engine.pad_id)
+        side = rng.choice(sides)
+        drills = [reading_drill(rng, side) for _ in range(recipe.read_batch_size)]
+        prepared = [builder.engine._preprocess(image, builder.min_pixels, builder.max_pixels) for image, _ in drills]
+        targets = torch.cat([t for _, t in drills])
+        batch = {
+            "reading": targets,
+            "reading_mask": torch.ones(targets.shape[0], dtype=torch.bool),
+        }
         for group in optimizer.param_groups:
-            group["lr"] = _lr_at(step, recipe.read_steps, recipe)
+            group["lr"] = _lr_at(step, recipe.read_steps, recipe) * recipe.read_lr / recipe.lr
         with torch.enable_grad():
-            merged = vision(batch["pixel_values"], grid_thw=batch["image_grid_thw"]).pooler_output
+            pixels = torch.cat([p for p, _ in prepared])
+            grids = torch.stack([g for _, g in prepared])
+            merged = vision(pixels, grid_thw=grids).pooler_output
             loss = _reading_loss(reader, merged, batch)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -656,11 +756,20 @@ def pretrain_reading(
             log(f"base reading step {step + 1}/{recipe.read_steps} loss {ema:.4f} {time.perf_counter() - started:.0f}s")
 
 
-def _log_checks(engine: QZoomEngine, items: Sequence[SyntheticItem], log: Callable[[str], None], when: str) -> None:
+def _log_checks(
+    engine: QZoomEngine,
+    items: Sequence[SyntheticItem],
+    log: Callable[[str], None],
+    when: str,
+    scenes: Sequence[SyntheticItem] = (),
+) -> None:
     views: tuple[View, ...] = ("crop", "fused", "coarse")
     for view in views:
         acc = view_accuracy(engine, items, view)
         log(f"base {when}: {view:<6} " + " ".join(f"{k} {v:.2f}" for k, v in acc.items()))
+    if scenes:
+        acc = view_accuracy(engine, scenes, "coarse")
+        log(f"base {when}: scene  " + " ".join(f"{k} {v:.2f}" for k, v in acc.items()))
 
 
 def _is_branch(name: str) -> bool:
