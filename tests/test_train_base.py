@@ -227,6 +227,27 @@ def test_whole_view_batches_show_small_scenes_whole_and_coarse_families_at_the_b
     assert all(len(p.item.scene.plates) >= 2 for p in pools["scene"].items)  # the question has to pick one
 
 
+def test_the_vision_tower_stays_as_phase_0_left_it(tmp_path, monkeypatch):
+    # Phase 0 replaced by a no-op: the saved tower is then exactly the seeded initial one, while the decoder moved.
+    import qzoom.train.base as base_module
+
+    monkeypatch.setattr(base_module, "pretrain_reading", lambda *args, **kwargs: None)
+    initial, _ = build_demo_model(MICRO)
+    out = train_base(tmp_path / "frozen", MICRO, progress=False, log=lambda _: None)
+    trained = QZoomEngine.from_pretrained(out).model
+    for (name, before), after in zip(
+        initial.model.visual.state_dict().items(), trained.model.visual.state_dict().values(), strict=True
+    ):
+        assert torch.equal(before, after), name
+    lm_before = initial.model.language_model.layers[0].mlp.up_proj.weight
+    assert not torch.equal(lm_before, trained.model.language_model.layers[0].mlp.up_proj.weight)
+    thawed = train_base(
+        tmp_path / "thawed", dataclasses.replace(MICRO, freeze_vision=False), progress=False, log=lambda _: None
+    )
+    tower = QZoomEngine.from_pretrained(thawed).model.model.visual.patch_embed.proj.weight
+    assert not torch.equal(tower, initial.model.visual.patch_embed.proj.weight)
+
+
 def test_train_base_writes_a_loadable_qzoom_checkpoint(micro_dir):
     engine = QZoomEngine.from_pretrained(micro_dir)
     assert engine.has_gate and engine.has_rpn
