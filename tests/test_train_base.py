@@ -225,6 +225,11 @@ def test_whole_view_batches_show_small_scenes_whole_and_coarse_families_at_the_b
         if e.family in ("code", "letter"):  # a 448-640 px canvas at the 256-token budget: at most 1.43x smaller
             assert min(gh, gw) * 14 >= 448 / 1.43
     assert all(len(p.item.scene.plates) >= 2 for p in pools["scene"].items)  # the question has to pick one
+    # The start of phase 1: crops of the one-thing plates only, whole-view steps or not.
+    pools["detail"] = ItemPool(recipe, ("code", "letter", "shape"), 300, "mixed", progress=False)
+    singles = _draw_batch(builder, pools, random.Random(3), recipe, phase=1, singles_only=True)
+    assert len(singles) == recipe.batch_size and {e.view for e in singles} == {"crop"}
+    assert {e.family for e in singles} <= {"letter", "shape"}
 
 
 def test_the_vision_tower_stays_as_phase_0_left_it(tmp_path, monkeypatch):

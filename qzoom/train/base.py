@@ -101,7 +101,11 @@ class BaseRecipe:
     warmup_steps: int = 30
     batch_size: int = 24  # phase 1: the per-step overhead dominates small crops, so samples are cheap
     mixed_batch_size: int = 8  # phase 2: sequences of 300-600 tokens
-    crop_steps: int = 700  # phase 1: native crops only
+    crop_steps: int = 700  # phase 1: native crops (and whole views, see `scene_frac`)
+    # The first steps of phase 1: crops of letters, shapes and patterns only, no whole views. Side by side from one
+    # phase-0 tower: letters alone reached 80% in 250 steps, while mixed with codes and shapes they stayed at chance
+    # for 400 (one glyph to find before a code's three in order).
+    single_steps: int = 250
     mixed_steps: int = 150  # phase 2: crops, coarse views of coarse families, fused sequences
     pool_size: int = 128  # benchmark items held at once; `refresh` of them are replaced by new ones every step
     refresh: int = 1
@@ -530,9 +534,21 @@ def _lr_at(step: int, total: int, recipe: BaseRecipe) -> float:
     return recipe.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
+SINGLE_FAMILIES = frozenset({"letter", "shape", "pattern"})  # plates that show one thing
+
+
 def _draw_batch(
-    builder: ExampleBuilder, pools: dict[str, ItemPool], rng: random.Random, recipe: BaseRecipe, phase: int
+    builder: ExampleBuilder,
+    pools: dict[str, ItemPool],
+    rng: random.Random,
+    recipe: BaseRecipe,
+    phase: int,
+    singles_only: bool = False,
 ) -> list[Example]:
+    if singles_only:  # the start of phase 1: crops of the plates that show one thing
+        items = [p for p in pools["detail"].items if p.item.family in SINGLE_FAMILIES] or pools["detail"].items
+        crop_range = (recipe.crop_min, recipe.crop_max_phase1)
+        return [builder.make(rng.choice(items), "crop", rng, crop_range) for _ in range(recipe.batch_size)]
     if "scene" in pools and rng.random() < recipe.scene_frac:
         # Whole views only (sequences of one length): scenes, and coarse views of the coarse families.
         picks = [
@@ -630,7 +646,8 @@ def train_base(
             _log_checks(engine, checks, log, "after phase 1", scene_checks)
         for pool in pools.values():
             pool.refresh(recipe.refresh)
-        batch = collate(_draw_batch(builder, pools, rng, recipe, phase), pad_id)
+        singles_only = step < recipe.single_steps
+        batch = collate(_draw_batch(builder, pools, rng, recipe, phase, singles_only), pad_id)
         for group in optimizer.param_groups:
             group["lr"] = _lr_at(step, total, recipe)
         # Explicitly on: a caller (or a test before this one) may have turned autograd off process-wide.
