@@ -94,6 +94,7 @@ __all__ = [
     "crop_box_around",
     "crop_with_answer",
     "detail_size",
+    "detail_value",
     "exact_match",
     "export",
     "generate_item",
@@ -321,7 +322,8 @@ def _content_size(kind: PlateKind, size: int) -> tuple[int, int]:
     return size, size
 
 
-def _random_value(rng: random.Random, kind: PlateKind) -> str:
+def detail_value(rng: random.Random, kind: PlateKind) -> str:
+    """A random value (what the plate shows) of a plate's detail of ``kind``."""
     if kind == "code":
         return "".join(rng.choice(CODE_ALPHABET) for _ in range(CODE_LENGTH))
     if kind == "letter":
@@ -430,7 +432,7 @@ def _scene_for(rng: random.Random, family: str, canvas: tuple[int, int]) -> tupl
         n_plates = rng.choice((2, 3, 3, 4, 4))
         values: list[str] = []
         while len(values) < n_plates:  # distinct answers: a reader that ignores the query is right by chance only
-            value = _random_value(rng, kind)
+            value = detail_value(rng, kind)
             if value not in values:
                 values.append(value)
         for value, quadrant in zip(values, quadrants[:n_plates], strict=True):
@@ -482,7 +484,7 @@ def _scene_for(rng: random.Random, family: str, canvas: tuple[int, int]) -> tupl
     else:
         raise ValueError(f"unknown family {family!r}; expected one of {FAMILIES}")
     # Plates of the coarse families carry a random detail too, so every plate in the benchmark looks alike.
-    plates = [p if p.value else dataclasses.replace(p, value=_random_value(rng, p.kind)) for p in plates]
+    plates = [p if p.value else dataclasses.replace(p, value=detail_value(rng, p.kind)) for p in plates]
     taken = [p.box for p in plates] + [r.box for r in regions] + [f.box for f in frames]
     clutter = _make_clutter(rng, canvas, taken)
     background: Literal["blotches", "gradient", "flat"] = rng.choice(("blotches", "blotches", "gradient", "flat"))
@@ -718,10 +720,11 @@ def render_detail(kind: PlateKind, value: str, size: int) -> tuple[Image.Image, 
     if kind not in ("code", "letter"):
         return image, [((ink[0] + ink[2]) / 2, (ink[1] + ink[3]) / 2, value)]
     font = _font(size)
+    origin = ink[0] - font.getbbox(value)[0]  # where the string's pen started
     centres = []
     for i, char in enumerate(value):  # BASIC layout: no kerning, glyph i starts at the advance of the prefix
         left, _, right, _ = font.getbbox(char)
-        x = ink[0] - font.getbbox(value)[0] + font.getlength(value[:i])
+        x = origin + font.getlength(value[:i])
         centres.append((x + (left + right) / 2, (ink[1] + ink[3]) / 2, char))
     return image, centres
 

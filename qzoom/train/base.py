@@ -56,11 +56,9 @@ from qzoom.evals.synthetic import (
     COARSE_FAMILIES,
     COARSE_TOKENS,
     CODE_ALPHABET,
-    CODE_LENGTH,
     COLOURS,
     DETAIL_FAMILIES,
     FAMILIES,
-    LETTERS,
     PATCH_PX,
     PATTERNS,
     SHAPES,
@@ -69,6 +67,7 @@ from qzoom.evals.synthetic import (
     crop_box_around,
     crop_with_answer,
     detail_size,
+    detail_value,
     generate_item,
     iterate,
     render_detail,
@@ -116,8 +115,8 @@ class BaseRecipe:
     mix_crop: float = 0.25
     mix_fused: float = 0.5  # the rest: coarse views
     coarse_detail_frac: float = 0.25  # of the coarse views, detail questions (see `_draw_batch`)
-    # Phase 0: the vision tower alone on the reading loss (see `reading_targets`), large batches of small crops (no
-    # decoder: about 190 crops a second on 2 cores); then the same loss rides along on crops at `read_weight`.
+    # Phase 0: the vision tower alone on the reading loss, large batches of `reading_drill` images (no decoder: about
+    # 280 a second on 2 cores); if the tower is not frozen afterwards, the loss rides along on crops at `read_weight`.
     read_steps: int = 1500
     read_lr: float = 2e-3
     read_batch_size: int = 64
@@ -527,11 +526,13 @@ class ItemPool:
             self.cursor = (self.cursor + 1) % len(self.items)
 
 
-def _lr_at(step: int, total: int, recipe: BaseRecipe) -> float:
+def _lr_at(step: int, total: int, recipe: BaseRecipe, peak: float | None = None) -> float:
+    """Linear warmup to ``peak`` (default ``recipe.lr``), then cosine down to a tenth of it at ``total``."""
+    peak = recipe.lr if peak is None else peak
     if step < recipe.warmup_steps:
-        return recipe.lr * (step + 1) / recipe.warmup_steps
+        return peak * (step + 1) / recipe.warmup_steps
     progress = (step - recipe.warmup_steps) / max(1, total - recipe.warmup_steps)
-    return recipe.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
 SINGLE_FAMILIES = frozenset({"letter", "shape", "pattern"})  # plates that show one thing
@@ -712,12 +713,7 @@ def reading_drill(rng: random.Random, side: int) -> tuple[Image.Image, torch.Ten
     these cost a fraction of a benchmark crop (4-9 tokens, no scene to render), so phase 0 sees several times more.
     """
     kind = rng.choice(_DRILL_KINDS)
-    value = "".join(rng.choice(CODE_ALPHABET) for _ in range(CODE_LENGTH)) if kind == "code" else ""
-    if kind == "letter":
-        value = rng.choice(LETTERS)
-    elif kind in ("shape", "pattern"):
-        value = rng.choice(SHAPES if kind == "shape" else PATTERNS)
-    detail, centres = render_detail(kind, value, detail_size(rng, kind))
+    detail, centres = render_detail(kind, detail_value(rng, kind), detail_size(rng, kind))
     image = Image.new("RGB", (side, side), detail.getpixel((0, 0)))
     if rng.random() < 0.5:  # a border band of a named colour along one edge, as near a plate's rim
         band = rng.randint(3, 12)
@@ -767,7 +763,7 @@ def pretrain_reading(
             "reading_mask": torch.ones(targets.shape[0], dtype=torch.bool),
         }
         for group in optimizer.param_groups:
-            group["lr"] = _lr_at(step, recipe.read_steps, recipe) * recipe.read_lr / recipe.lr
+            group["lr"] = _lr_at(step, recipe.read_steps, recipe, peak=recipe.read_lr)
         with torch.enable_grad():
             pixels = torch.cat([p for p, _ in prepared])
             grids = torch.stack([g for _, g in prepared])
