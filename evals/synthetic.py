@@ -22,14 +22,14 @@ Contract:
 * Boxes are ``(x0, y0, x1, y1)`` integer pixels of the original image, x1/y1 exclusive.
 
 Why detail is lost in the coarse view (checked without a model in ``tests/test_synthetic.py``): the coarse view is
-the whole image resized to :data:`COARSE_TOKENS` merged tokens of :data:`PATCH_PX` pixels (448x448 for a square),
-a downscale of 2x at 896 px and 9x at 4096 px (median about 5.5x; under 4x for about a fifth of the canvases). The
-detail has a fixed native size (glyphs 20-27 px tall, shapes on 26-34 px tiles, patterns of 18-26 px) while plate
-borders (about 3 coarse pixels), large regions and large frames scale with the canvas, so "where" and the coarse
-answers survive the downscale and "what" does not. The patterns are 1-px, 50 % duty and share one mean, so they
-cancel under any >= 2x antialiased downscale; the shapes have equal ink area, so they leave blobs of the same
-weight; text and shapes keep a blurred residue that shrinks with the factor (legible up to about 4x). A native
-crop keeps everything.
+the whole image resized to :data:`COARSE_TOKENS` merged tokens of :data:`PATCH_PX` pixels (448x448 for a square), a
+downscale of 2x at 896 px and 9x at 4096 px (median about 5.5x; under 4x for about a fifth of the canvases). The
+detail has a fixed native size (glyphs 20-27 px tall on a 28 px pitch, shapes on 26-34 px tiles, patterns of 18-26
+px) while plate borders (about 3 coarse pixels), large regions and large frames scale with the canvas, so "where"
+and the coarse answers survive the downscale and "what" does not. The patterns are 1-px, 50 % duty and share one
+mean, so they cancel under any >= 2x antialiased downscale; the shapes have equal ink area, so they leave blobs of
+the same weight; text and shapes keep a blurred residue that shrinks with the factor (legible up to about 4x). A
+native crop keeps everything.
 
 Scoring: :func:`normalize_answer` / :func:`exact_match` (lower case, number words to digits, a leading article and
 everything that is not a letter or digit dropped); :func:`box_contains_center` for proposed zoom boxes.
@@ -110,7 +110,8 @@ RGB = tuple[int, int, int]
 PlateKind = Literal["code", "letter", "shape", "pattern"]
 
 # Bump when the drawing changes, so that a stored export can be told apart from a new one; it also salts the RNG.
-GENERATOR_VERSION = 2  # 2: details twice as large (a from-scratch ViT learns them, see _FONT_SIZES)
+# 2: details twice as large (a from-scratch ViT learns them, see _FONT_SIZES); 3: text on a fixed pitch (_pitch).
+GENERATOR_VERSION = 3
 
 SPLITS = ("train", "val", "test")
 FAMILIES = ("code", "code_at", "letter", "shape", "pattern", "colour", "count")
@@ -166,7 +167,7 @@ MIN_CANVAS_SIDE = 256
 
 _INK: RGB = (22, 22, 26)
 _PLATE_FILL: RGB = (238, 238, 234)
-# Aileron cap height 20-27 px, one glyph to about one 28 px token: legible natively, a few coarse pixels at the
+# Aileron cap height 20-27 px, one glyph to one 28 px token (see _pitch): legible natively, a few coarse pixels at the
 # median 5.5x downscale. Why not smaller: a ViT trained from scratch with 14 px patches learns a glyph at every
 # sub-patch offset separately; at 10-13 px it was at 33% after 80 k isolated samples, at 20-27 px at 96% (a probe,
 # numbers in README "The demo model"), and the demo model has 30 CPU minutes to learn.
@@ -305,13 +306,25 @@ def _font(size: int) -> ImageFont.FreeTypeFont:
 
 
 @functools.lru_cache(maxsize=32)
+def _pitch(size: int) -> int:
+    """The advance of every character of a string at font ``size``: one 28 px token, or the widest glyph and 1 px.
+
+    Why fixed and this wide: at the font's own advance (17-25 px) two glyph centres of a code often fall in one
+    merged token, whose feature then has to say which came first; one glyph per token (at native scale) leaves
+    the decoder only to read the tokens left to right.
+    """
+    font = _font(size)
+    widest = max(font.getbbox(char)[2] - font.getbbox(char)[0] for char in CODE_ALPHABET)
+    return max(PATCH_PX, math.ceil(widest) + 1)
+
+
+@functools.lru_cache(maxsize=32)
 def _text_slot(size: int, length: int) -> tuple[int, int]:
     """The (width, height) every string of ``length`` alphabet characters fits in, at font ``size``."""
     font = _font(size)
-    advance = max(font.getlength(char) for char in CODE_ALPHABET)
     top = min(font.getbbox(char)[1] for char in CODE_ALPHABET)
     bottom = max(font.getbbox(char)[3] for char in CODE_ALPHABET)
-    return math.ceil(advance * length), math.ceil(bottom - top)
+    return _pitch(size) * length, math.ceil(bottom - top)
 
 
 def _content_size(kind: PlateKind, size: int) -> tuple[int, int]:
@@ -687,13 +700,20 @@ def _pattern_tile(pattern: str, size: int, ink: RGB, paper: RGB) -> Image.Image:
 
 
 def _draw_text_centered(draw: ImageDraw.ImageDraw, slot: Box, text: str, size: int, fill: RGB) -> Box:
-    """Draw ``text`` with its ink centred in ``slot``; return the ink box."""
+    """Draw ``text`` centred in ``slot``, each character centred in its own :func:`_pitch`-wide cell on a common
+    baseline; return the ink box."""
     font = _font(size)
-    left, top, right, bottom = (int(v) for v in font.getbbox(text))  # integral for a bitmap-rendered string
-    x = (slot[0] + slot[2] - (right - left)) // 2 - left
+    pitch = _pitch(size)
+    _, top, _, bottom = (int(v) for v in font.getbbox(text))  # integral for a bitmap-rendered string
+    x0 = (slot[0] + slot[2] - pitch * len(text)) // 2
     y = (slot[1] + slot[3] - (bottom - top)) // 2 - top
-    draw.text((x, y), text, font=font, fill=fill)
-    return (x + left, y + top, x + right, y + bottom)
+    ink: list[int] = []
+    for i, char in enumerate(text):
+        left, _, right, _ = (int(v) for v in font.getbbox(char))
+        x = x0 + i * pitch + (pitch - (right - left)) // 2 - left
+        draw.text((x, y), char, font=font, fill=fill)
+        ink = [x + left, y + top, x + right, y + bottom] if not ink else [ink[0], ink[1], x + right, ink[3]]
+    return (ink[0], ink[1], ink[2], ink[3])
 
 
 def _draw_detail(
@@ -720,12 +740,13 @@ def render_detail(kind: PlateKind, value: str, size: int) -> tuple[Image.Image, 
     if kind not in ("code", "letter"):
         return image, [((ink[0] + ink[2]) / 2, (ink[1] + ink[3]) / 2, value)]
     font = _font(size)
-    origin = ink[0] - font.getbbox(value)[0]  # where the string's pen started
+    pitch = _pitch(size)
+    x0 = (w - pitch * len(value)) // 2  # as _draw_text_centered places the cells
     centres = []
-    for i, char in enumerate(value):  # BASIC layout: no kerning, glyph i starts at the advance of the prefix
-        left, _, right, _ = font.getbbox(char)
-        x = origin + font.getlength(value[:i])
-        centres.append((x + (left + right) / 2, (ink[1] + ink[3]) / 2, char))
+    for i, char in enumerate(value):
+        left, _, right, _ = (int(v) for v in font.getbbox(char))
+        x = x0 + i * pitch + (pitch - (right - left)) // 2  # the glyph's ink starts here
+        centres.append((x + (right - left) / 2, (ink[1] + ink[3]) / 2, char))
     return image, centres
 
 
