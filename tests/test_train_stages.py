@@ -475,10 +475,10 @@ def test_stage2_without_regressions_keeps_the_model_and_llm_judge_errors_are_rec
 
 def test_train_stage1_command_on_synthetic_items_picks_heads(base_dir, tmp_path):
     out = tmp_path / "s1"
-    # --data-seed 1: items on which the random micro model's attention peaks enough to be labelled (with seed 0 all
-    # four are rejected as weak_peak, which ends the command, as it should); this test is about picking heads.
+    # Items on which the random micro model's attention peaks enough for some labels (generator v3, seed 0: two of
+    # four; with seed 1 all four are rejected, which ends the command, as it should); this test is about the heads.
     args = ["train", "stage1", str(base_dir), str(out), "--synthetic", "4", "--calibration", "3", "--top-k-heads", "2"]
-    args += ["--data-seed", "1"]
+    args += ["--data-seed", "0"]
     args += ["--min-side", "256", "--max-side", "256", "--max-steps", "1", "--max-new-tokens", "2"]
     args += ["--min-pixels", str(MIN_PIXELS), "--max-pixels", str(MAX_PIXELS)]
     result = CliRunner().invoke(app, args)
