@@ -19,7 +19,7 @@ Contract:
   :func:`reading_targets` of the crop rides along). Phase 2 mixes those crops with the coarse view of the coarse
   families (colour, count), a few coarse views of detail questions, and the fused sequence Q-Zoom feeds (coarse
   view + a native crop spliced after it with the engine's aligned M-RoPE positions) for every family. In both
-  phases a share of the steps are whole views: *scenes* (detail items on small canvases, seen whole at about
+  phases a share of the steps are whole views: *scenes* (detail items on small canvases, seen whole 1-3x below
   native scale, several plates in view, so the question's colour or position word has to pick the plate) and coarse
   views of the coarse families; scenes are what teach the model to look at the named plate, which Stage 1 distils.
   The loss is on the answer tokens and ``<|im_end|>`` only. Seeded: the same recipe gives the same weights as far as
@@ -100,7 +100,7 @@ class BaseRecipe:
     warmup_steps: int = 30
     batch_size: int = 24  # phase 1: the per-step overhead dominates small crops, so samples are cheap
     mixed_batch_size: int = 8  # phase 2: sequences of 300-600 tokens
-    crop_steps: int = 700  # phase 1: native crops (and whole views, see `scene_frac`)
+    crop_steps: int = 1200  # phase 1: native crops (and whole views, see `scene_frac`); 700 read fewer letters
     # The first steps of phase 1: crops of letters, shapes and patterns only, no whole views. Side by side from one
     # phase-0 tower: letters alone reached 80% in 250 steps, while mixed with codes and shapes they stayed at chance
     # for 400 (one glyph to find before a code's three in order).
@@ -126,16 +126,18 @@ class BaseRecipe:
     # shapes reached 76% exact match with it frozen and 35% with it trained on the answer loss (which at first
     # pulls the tower's reading apart before the decoder knows where to look).
     freeze_vision: bool = True
-    # Scenes: whole detail items on small canvases (`scene_min_side`..`scene_max_side`), seen whole at the budget
-    # (about native scale, several plates in view). To answer, the model has to find the plate the question names
-    # and read it in one view; that habit is what puts its answer->image attention on the named plate in the coarse
-    # view of a large canvas too, where Stage 1 distils the SD-RPN from it. A step is a batch of whole views with
-    # probability `scene_frac`: half scenes, half coarse views of the coarse families (its own batch: 256-token
-    # sequences beside 16-token crops would be mostly padding).
+    # Scenes: whole detail items on small canvases (`scene_min_side`..`scene_max_side`), seen whole at the budget (1x to
+    # 3x below native scale, several plates in view). To answer, the model has to find the plate the question names and
+    # read it in one view; that habit is what puts its answer->image attention on the named plate in the coarse view of
+    # a large canvas too, where Stage 1 distils the SD-RPN from it. A step is a batch of whole views with probability
+    # `scene_frac`: half scenes, half coarse views of the coarse families (its own batch: 256-token sequences beside
+    # 16-token crops would be mostly padding).
+    # Side by side (1200 crop steps): 448-1344 px canvases gave the best crops and Stage-1 labels; 336-448 px (all
+    # native) and 256-672 px at scene_frac 0.5 did worse on both (README "The demo model").
     scene_frac: float = 0.3
     scene_batch_size: int = 6
     scene_min_side: int = 448
-    scene_max_side: int = 640
+    scene_max_side: int = 1344
 
     @property
     def max_pixels(self) -> int:
