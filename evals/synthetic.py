@@ -313,9 +313,8 @@ def _pitch(size: int) -> int:
     merged token, whose feature then has to say which came first; one glyph per token (at native scale) leaves
     the decoder only to read the tokens left to right.
     """
-    font = _font(size)
-    widest = max(font.getbbox(char)[2] - font.getbbox(char)[0] for char in CODE_ALPHABET)
-    return max(PATCH_PX, math.ceil(widest) + 1)
+    boxes = [_font(size).getbbox(char) for char in CODE_ALPHABET]
+    return max(PATCH_PX, math.ceil(max(right - left for left, _, right, _ in boxes)) + 1)
 
 
 @functools.lru_cache(maxsize=32)
@@ -699,21 +698,31 @@ def _pattern_tile(pattern: str, size: int, ink: RGB, paper: RGB) -> Image.Image:
     return Image.fromarray(tile)
 
 
+def _glyph_cells(text: str, size: int) -> list[tuple[int, int, int]]:
+    """Per character, ``(pen_x, ink_x0, ink_x1)`` relative to the left edge of the first :func:`_pitch`-wide cell:
+    each glyph's ink centred in its own cell. The one layout both :func:`_draw_text_centered` and
+    :func:`render_detail` use."""
+    font = _font(size)
+    pitch = _pitch(size)
+    cells = []
+    for i, char in enumerate(text):
+        left, _, right, _ = (int(v) for v in font.getbbox(char))  # integral for a bitmap-rendered glyph
+        ink_x0 = i * pitch + (pitch - (right - left)) // 2
+        cells.append((ink_x0 - left, ink_x0, ink_x0 + right - left))
+    return cells
+
+
 def _draw_text_centered(draw: ImageDraw.ImageDraw, slot: Box, text: str, size: int, fill: RGB) -> Box:
     """Draw ``text`` centred in ``slot``, each character centred in its own :func:`_pitch`-wide cell on a common
     baseline; return the ink box."""
     font = _font(size)
-    pitch = _pitch(size)
-    _, top, _, bottom = (int(v) for v in font.getbbox(text))  # integral for a bitmap-rendered string
-    x0 = (slot[0] + slot[2] - pitch * len(text)) // 2
+    _, top, _, bottom = (int(v) for v in font.getbbox(text))
+    x0 = (slot[0] + slot[2] - _pitch(size) * len(text)) // 2
     y = (slot[1] + slot[3] - (bottom - top)) // 2 - top
-    ink: list[int] = []
-    for i, char in enumerate(text):
-        left, _, right, _ = (int(v) for v in font.getbbox(char))
-        x = x0 + i * pitch + (pitch - (right - left)) // 2 - left
-        draw.text((x, y), char, font=font, fill=fill)
-        ink = [x + left, y + top, x + right, y + bottom] if not ink else [ink[0], ink[1], x + right, ink[3]]
-    return (ink[0], ink[1], ink[2], ink[3])
+    cells = _glyph_cells(text, size)
+    for char, (pen_x, _, _) in zip(text, cells, strict=True):
+        draw.text((x0 + pen_x, y), char, font=font, fill=fill)
+    return (x0 + cells[0][1], y + top, x0 + cells[-1][2], y + bottom)
 
 
 def _draw_detail(
@@ -739,15 +748,10 @@ def render_detail(kind: PlateKind, value: str, size: int) -> tuple[Image.Image, 
     ink = _draw_detail(image, ImageDraw.Draw(image), kind, value, (0, 0, w, h), size, _INK, _PLATE_FILL)
     if kind not in ("code", "letter"):
         return image, [((ink[0] + ink[2]) / 2, (ink[1] + ink[3]) / 2, value)]
-    font = _font(size)
-    pitch = _pitch(size)
-    x0 = (w - pitch * len(value)) // 2  # as _draw_text_centered places the cells
-    centres = []
-    for i, char in enumerate(value):
-        left, _, right, _ = (int(v) for v in font.getbbox(char))
-        x = x0 + i * pitch + (pitch - (right - left)) // 2  # the glyph's ink starts here
-        centres.append((x + (right - left) / 2, (ink[1] + ink[3]) / 2, char))
-    return image, centres
+    # The slot is exactly the cells' width, so the first cell starts at x = 0.
+    cy = (ink[1] + ink[3]) / 2
+    cells = _glyph_cells(value, size)
+    return image, [((x0 + x1) / 2, cy, char) for char, (_, x0, x1) in zip(value, cells, strict=True)]
 
 
 def _render(scene: Scene) -> tuple[Image.Image, Box | None]:
