@@ -12,10 +12,10 @@ Contract:
   :data:`ANSWER_VOCAB` (closed, small; every answer character is in :data:`ANSWER_CHARS`).
 * Every scene is laid out on the four quadrants of a canvas of ``min_side..max_side`` pixels a side (aspect at most
   :data:`MAX_ASPECT`) over a textured, speckled, low-chroma background. A quadrant holds at most one of: a *plate*
-  (a small light card with a coloured border and one detail: a code, a letter, a shape or a 1-px pattern), a *large
-  region* (a filled rectangle or ellipse) or a *large frame* (a hollow thick rectangle). Every coloured object in an
-  image has its own colour from :data:`COLOURS`, so "the red frame" names exactly one object. Grey clutter (codes and
-  shapes outside any object) is the distractor that is not in a frame.
+  (a small light card tinted with its colour, a border of it, and one detail: a code, a letter, a shape or a 1-px
+  pattern), a *large region* (a filled rectangle or ellipse) or a *large frame* (a hollow thick rectangle). Every
+  coloured object in an image has its own colour from :data:`COLOURS`, so "the red frame" names exactly one object.
+  Grey clutter (codes and shapes outside any object) is the distractor that is not in a frame.
 * Detail questions name the target plate by colour (or by quadrant for ``code_at``); the other plates carry
   different answers of the same kind. ``box`` is the target plate's outer box; ``content_box`` the ink of the answer.
   Coarse questions: ``box`` is the large region, or the union of the counted large frames.
@@ -100,7 +100,9 @@ __all__ = [
     "generate_item",
     "iterate",
     "normalize_answer",
+    "plate_fill",
     "render_detail",
+    "render_plate",
     "render_scene",
     "with_answer",
 ]
@@ -110,8 +112,9 @@ RGB = tuple[int, int, int]
 PlateKind = Literal["code", "letter", "shape", "pattern"]
 
 # Bump when the drawing changes, so that a stored export can be told apart from a new one; it also salts the RNG.
-# 2: details twice as large (a from-scratch ViT learns them, see _FONT_SIZES); 3: text on a fixed pitch (_pitch).
-GENERATOR_VERSION = 3
+# 2: details twice as large (a from-scratch ViT learns them, see _FONT_SIZES); 3: text on a fixed pitch (_pitch);
+# 4: plate cards tinted with their colour (plate_fill).
+GENERATOR_VERSION = 4
 
 SPLITS = ("train", "val", "test")
 FAMILIES = ("code", "code_at", "letter", "shape", "pattern", "colour", "count")
@@ -167,6 +170,7 @@ MIN_CANVAS_SIDE = 256
 
 _INK: RGB = (22, 22, 26)
 _PLATE_FILL: RGB = (238, 238, 234)
+_PLATE_TINT = 0.3  # share of the plate's colour in its card's fill (see plate_fill)
 # Aileron cap height 20-27 px, one glyph to one 28 px token (see _pitch): legible natively, a few coarse pixels at the
 # median 5.5x downscale. Why not smaller: a ViT trained from scratch with 14 px patches learns a glyph at every
 # sub-patch offset separately; at 10-13 px it was at 33% after 80 k isolated samples, at 20-27 px at 96% (a probe,
@@ -187,7 +191,8 @@ _PLATE_KIND: Mapping[str, PlateKind] = {
 
 @dataclass(frozen=True)
 class Plate:
-    """A small light card with a coloured border and one detail (the value) centred inside it."""
+    """A small light card tinted with its colour (:func:`plate_fill`), a border of the colour, and one detail (the
+    value) centred inside it."""
 
     quadrant: int
     colour: str
@@ -739,13 +744,17 @@ def _draw_detail(
     return (x, y, x + size, y + size)
 
 
-def render_detail(kind: PlateKind, value: str, size: int) -> tuple[Image.Image, list[tuple[float, float, str]]]:
-    """A plate's detail alone, drawn exactly as on a plate (ink on the plate's fill, at font or tile ``size``), in a
-    tight image; with where each thing it shows is centred: one ``(x, y, name)`` per glyph of a code, else one for
-    the letter, shape or pattern. For teaching a vision tower to read before it answers (``qzoom.train.base``)."""
+def render_detail(
+    kind: PlateKind, value: str, size: int, colour: str | None = None
+) -> tuple[Image.Image, list[tuple[float, float, str]]]:
+    """A plate's detail alone, drawn exactly as on a ``colour`` plate (ink on its card's fill, at font or tile
+    ``size``; the untinted paper without a colour), in a tight image; with where each thing it shows is centred: one
+    ``(x, y, name)`` per glyph of a code, else one for the letter, shape or pattern. For teaching a vision tower to
+    read before it answers (``qzoom.train.base``)."""
     w, h = _content_size(kind, size)
-    image = Image.new("RGB", (w, h), _PLATE_FILL)
-    ink = _draw_detail(image, ImageDraw.Draw(image), kind, value, (0, 0, w, h), size, _INK, _PLATE_FILL)
+    fill = plate_fill(colour) if colour is not None else _PLATE_FILL
+    image = Image.new("RGB", (w, h), fill)
+    ink = _draw_detail(image, ImageDraw.Draw(image), kind, value, (0, 0, w, h), size, _INK, fill)
     if kind not in ("code", "letter"):
         return image, [((ink[0] + ink[2]) / 2, (ink[1] + ink[3]) / 2, value)]
     # The slot is exactly the cells' width, so the first cell starts at x = 0.
@@ -781,12 +790,36 @@ def _render(scene: Scene) -> tuple[Image.Image, Box | None]:
     return image, content
 
 
+def plate_fill(colour: str) -> RGB:
+    """The fill of a ``colour`` plate's card: the light paper with :data:`_PLATE_TINT` of the colour mixed in.
+
+    Why tinted: every token that shows a plate's detail then also shows which plate it is, so the question's colour
+    word can pick the tokens to read in one attention step (with a white card, a tiny model has to find the coloured
+    ring first and then look inside it); and at coarse scale the plate is a pale blob of its colour rather than a
+    3-px ring. The card stays light (luminance 190 or more, the ink 22) and the detail is no more legible for it.
+    """
+    mixed = [round((1 - _PLATE_TINT) * p + _PLATE_TINT * c) for p, c in zip(_PLATE_FILL, COLOURS[colour], strict=True)]
+    return (mixed[0], mixed[1], mixed[2])
+
+
 def _draw_plate(image: Image.Image, draw: ImageDraw.ImageDraw, plate: Plate) -> Box:
     """Draw a plate over everything under its box (it is opaque there); return the ink box of its detail."""
     x0, y0, x1, y1 = plate.box
-    draw.rectangle((x0, y0, x1 - 1, y1 - 1), fill=_PLATE_FILL, outline=COLOURS[plate.colour], width=plate.border)
+    fill = plate_fill(plate.colour)
+    draw.rectangle((x0, y0, x1 - 1, y1 - 1), fill=fill, outline=COLOURS[plate.colour], width=plate.border)
     inner = (x0 + plate.border, y0 + plate.border, x1 - plate.border, y1 - plate.border)
-    return _draw_detail(image, draw, plate.kind, plate.value, inner, plate.size, _INK, _PLATE_FILL)
+    return _draw_detail(image, draw, plate.kind, plate.value, inner, plate.size, _INK, fill)
+
+
+def render_plate(kind: PlateKind, value: str, size: int, colour: str, *, border: int = 3, pad: int = 7) -> Image.Image:
+    """One plate alone, drawn exactly as in a scene at native scale (border, tinted card, detail at ``size``), in an
+    image of its outer size. For short training sequences about one or two plates (``qzoom.train.base``)."""
+    content_w, content_h = _content_size(kind, size)
+    w, h = content_w + 2 * (pad + border), content_h + 2 * (pad + border)
+    image = Image.new("RGB", (w, h))
+    plate = Plate(quadrant=0, colour=colour, kind=kind, value=value, box=(0, 0, w, h), border=border, size=size)
+    _draw_plate(image, ImageDraw.Draw(image), plate)
+    return image
 
 
 def render_scene(scene: Scene) -> Image.Image:

@@ -38,7 +38,9 @@ from qzoom.evals.synthetic import (
     generate_item,
     iterate,
     normalize_answer,
+    plate_fill,
     render_detail,
+    render_plate,
     render_scene,
     with_answer,
 )
@@ -249,7 +251,11 @@ def test_render_detail_draws_the_plates_ink_and_says_where_each_glyph_is(family)
     for index in range(3):
         it = generate_item("train", index, families=[family])
         plate = it.scene.plates[it.scene.target or 0]
-        image, centres = render_detail(plate.kind, plate.value, plate.size)
+        image, centres = render_detail(plate.kind, plate.value, plate.size, plate.colour)
+        # On the plate's tinted card, as in the scene (inside the border, in the padding around the detail).
+        x0, y0 = plate.box[0] + plate.border, plate.box[1] + plate.border
+        assert plate_fill(plate.colour) == it.image.getpixel((x0 + 1, y0 + 1))
+        assert plate_fill(plate.colour) in {tuple(int(v) for v in p) for p in np.asarray(image).reshape(-1, 3)}
 
         # The same ink as on the plate (up to where it sits): compare the dark masks cropped to their extent.
         def ink(img: Image.Image) -> np.ndarray:
@@ -267,6 +273,21 @@ def test_render_detail_draws_the_plates_ink_and_says_where_each_glyph_is(family)
             assert dark[:, max(0, int(x) - 6) : int(x) + 7].any() and 0 <= y < image.height
         if family == "code":  # one glyph per 28 px token at native scale: centres a fixed pitch apart
             assert all(27.0 <= b - a <= 29.0 for a, b in itertools.pairwise(xs))
+
+
+def test_render_plate_draws_a_plate_exactly_as_the_scene_does():
+    for index in range(8):
+        it = generate_item("train", index, families=["code", "letter", "shape", "pattern"])
+        for plate in it.scene.plates:
+            x0, y0, x1, y1 = plate.box
+            content_w, content_h = (x1 - x0 - 2 * plate.border, y1 - y0 - 2 * plate.border)
+            image = None
+            for pad in range(5, 10):  # the scene drew it with a padding of 5-9 px, not kept in the Plate
+                drawn = render_plate(plate.kind, plate.value, plate.size, plate.colour, border=plate.border, pad=pad)
+                if drawn.size == (x1 - x0, y1 - y0):
+                    image = drawn
+            assert image is not None, (content_w, content_h)
+            assert image.tobytes() == it.image.crop(plate.box).tobytes()
 
 
 # ----------------------------------------------------------------------------------------- the Q-Zoom key property

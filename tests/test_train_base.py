@@ -14,16 +14,29 @@ from typer.testing import CliRunner
 from qzoom.cli import app
 from qzoom.engine import QZoomEngine
 from qzoom.evals.demo import TARGETS, evaluate_demo, format_report, uncached_engine
-from qzoom.evals.synthetic import crop_box_around, crop_with_answer, generate_item, with_answer
+from qzoom.evals.synthetic import (
+    ANSWER_VOCAB,
+    COLOURS,
+    TEMPLATES,
+    crop_box_around,
+    crop_with_answer,
+    generate_item,
+    plate_fill,
+    render_plate,
+    with_answer,
+)
 from qzoom.schemas import AskOptions
 from qzoom.train.base import (
     READ_CLASSES,
+    READ_GROUPS,
+    READ_LOGITS,
     BaseRecipe,
     ExampleBuilder,
     ItemPool,
     _draw_batch,
     _grid_box_around,
     _reading_loss,
+    answer_drill,
     build_demo_model,
     collate,
     pool_item,
@@ -39,6 +52,8 @@ MICRO = BaseRecipe(
     vision_heads=1,
     read_steps=2,
     read_batch_size=2,
+    drill_steps=2,
+    drill_batch_size=2,
     crop_steps=2,
     mixed_steps=2,
     batch_size=2,
@@ -112,21 +127,32 @@ def test_reading_targets_mark_the_tokens_that_show_each_glyph(family, answer):
     model, processor = build_demo_model(MICRO)
     builder = ExampleBuilder(QZoomEngine(model, processor), MICRO.min_pixels, MICRO.max_pixels)
     item = generate_item("train", 11, families=(family,))
+    plate = item.scene.plates[item.scene.target or 0]
     p = pool_item(item, MICRO.min_pixels, MICRO.max_pixels, reach=300)
     example = builder.crop(p, 168, random.Random(1), answer)
     assert example.reading is not None
     _, gh, gw = (int(v) // m for v, m in zip(example.grids[0], (1, 2, 2), strict=True))
     assert example.reading.shape == (gh * gw, len(READ_CLASSES))
-    marked = example.reading.nonzero().tolist()
+    what = READ_GROUPS[0]
+    marked = [(t, READ_CLASSES[c]) for t, c in example.reading.nonzero().tolist()]
+    shown = [(t, name) for t, name in marked if name in what]
     values = [answer] if family in ("shape", "pattern") else list(answer)
-    assert sorted(READ_CLASSES[c] for _, c in marked) == sorted(values)
+    assert sorted(name for _, name in shown) == sorted(values)
     # Each marked token's 28x28 cell of the crop holds ink of the detail (dark pixels on the light plate).
     pixels = example.pixel_values[0].reshape(gh * gw, -1)  # 4 patches of one merged token per row, normalised
-    for token, _ in marked:
+    for token, _ in shown:
         assert pixels[token].min() < -1.0  # CLIP-normalised ink (22 of 255) is about -1.5; the plate is about 1.8
-    if family == "code":  # glyphs left to right: the first character's token is not right of the last one's
-        columns = {READ_CLASSES[c]: t % gw for t, c in marked}
-        assert columns[answer[0]] <= columns[answer[-1]]
+    # Glyphs of a code carry their place in it, on the same token, left to right; other details carry none.
+    places = sorted((name, t) for t, name in marked if name.startswith("glyph "))
+    if family == "code":
+        assert [t for _, t in places] == [t for t, name in sorted(shown, key=lambda tn: answer.index(tn[1]))]
+        assert [t % gw for _, t in places] == sorted(t % gw for _, t in places)
+    else:
+        assert places == []
+    # The plate's colour on the tokens over its card (every token with a glyph among them), and on nothing else.
+    on = {t for t, name in marked if name.startswith("on ")}
+    assert {name for t, name in marked if name.startswith("on ")} == {f"on {plate.colour}"}
+    assert {t for t, _ in shown} <= on and len(on) < gh * gw
 
 
 @pytest.mark.parametrize("side", [56, 84, 140])
@@ -146,27 +172,39 @@ def test_crops_are_whole_tokens_so_the_processor_does_not_resample_them(side):
 def test_reading_drills_mark_what_they_draw_on_the_token_that_shows_it():
     rng = random.Random(0)
     seen = set()
+    colours = set()
     for _ in range(60):
         side = rng.choice((56, 84))
         image, targets = reading_drill(rng, side)
         g = side // 28
         assert image.size == (side, side) and targets.shape == (g * g, len(READ_CLASSES))
         dark = np.asarray(image.convert("L")) < 128
-        for token, cls in targets.nonzero().tolist():
-            row, col = divmod(token, g)
-            assert dark[row * 28 : (row + 1) * 28, col * 28 : (col + 1) * 28].any()  # the token shows ink
-            seen.add(READ_CLASSES[cls])
-        if not targets.any():  # a code that ran off the image entirely is rare but allowed; never ink unmarked
-            assert not dark[4:-4, 4:-4].any()
+        marked = [(t, READ_CLASSES[c]) for t, c in targets.nonzero().tolist()]
+        for token, name in marked:
+            if name in READ_GROUPS[0]:
+                row, col = divmod(token, g)
+                assert dark[row * 28 : (row + 1) * 28, col * 28 : (col + 1) * 28].any()  # the token shows ink
+                seen.add(name)
+        # Every token is on the card, and the card is the colour its tokens are marked with.
+        on = {name for _, name in marked if name.startswith("on ")}
+        assert len(on) == 1 and sum(name.startswith("on ") for _, name in marked) == g * g
+        colour = on.pop().removeprefix("on ")
+        assert plate_fill(colour) in {tuple(int(v) for v in p) for p in np.asarray(image).reshape(-1, 3)}
+        colours.add(colour)
+        places = [name for _, name in marked if name.startswith("glyph ")]
+        assert len(places) == len(set(places))  # a glyph's place in its code is marked once at most
+        if not any(name in READ_GROUPS[0] for _, name in marked):  # a code that ran off the image entirely is
+            assert not dark[4:-4, 4:-4].any()  # rare but allowed; never ink unmarked
     assert {"circle", "checker"} & seen and len(seen) > 12  # every kind of detail comes up
+    assert len(colours) >= 5  # and plates of every colour
     image_a, targets_a = reading_drill(random.Random(7), 84)
     image_b, targets_b = reading_drill(random.Random(7), 84)
     assert image_a.tobytes() == image_b.tobytes() and torch.equal(targets_a, targets_b)
 
 
 def test_reading_loss_weighs_marked_and_empty_tokens_alike_and_splits_two_glyphs():
-    hidden, n_cls = 8, len(READ_CLASSES) + 1
-    reader = torch.nn.Linear(hidden, n_cls)
+    hidden = 8
+    reader = torch.nn.Linear(hidden, READ_LOGITS)
     torch.nn.init.zeros_(reader.weight)
     torch.nn.init.zeros_(reader.bias)
     marks = torch.zeros(5, len(READ_CLASSES))
@@ -174,14 +212,25 @@ def test_reading_loss_weighs_marked_and_empty_tokens_alike_and_splits_two_glyphs
     marks[1, [2, 4]] = 1.0  # two glyph centres on one token: half each
     batch = {"reading": marks, "reading_mask": torch.tensor([True, True, True, True, False])}
     merged = torch.zeros(5, hidden)
-    # Uniform logits: every token costs log(n_cls), so the two means add up to 2 log(n_cls).
-    assert _reading_loss(reader, merged, batch).item() == pytest.approx(2 * np.log(n_cls), rel=1e-5)
-    # Class 2 raised by 2 (partition Z = e^2 + n_cls - 1): the two-glyph token pays log Z - 1 (half its target on
+    n_what = len(READ_GROUPS[0]) + 1
+    others = sum(np.log(len(group) + 1) for group in READ_GROUPS[1:])  # nothing marked there: one mean each
+    # Uniform logits: every token costs log(classes + 1) in its group; "what" has both means, the others one.
+    assert _reading_loss(reader, merged, batch).item() == pytest.approx(2 * np.log(n_what) + others, rel=1e-5)
+    # Class 2 raised by 2 (partition Z = e^2 + n_what - 1): the two-glyph token pays log Z - 1 (half its target on
     # class 2), the one-glyph and the empty tokens log Z each: (2 log Z - 1) / 2 + log Z.
     with torch.no_grad():
         reader.bias[2] = 2.0
-    z = np.exp(2.0) + n_cls - 1
-    assert _reading_loss(reader, merged, batch).item() == pytest.approx(2 * np.log(z) - 0.5, rel=1e-5)
+    z = np.exp(2.0) + n_what - 1
+    assert _reading_loss(reader, merged, batch).item() == pytest.approx(2 * np.log(z) - 0.5 + others, rel=1e-5)
+    # A token marked in a later group pays there: its group's logits start one "nothing" further on per group.
+    colour = READ_CLASSES.index("on red")
+    marks[0, colour] = 1.0
+    with torch.no_grad():
+        reader.bias[colour + 2] = 5.0  # the colour group is the third: its logits are shifted by two "nothing"s
+    colour_only = {"reading": marks[:1], "reading_mask": torch.tensor([True])}
+    n_colour = len(READ_GROUPS[2]) + 1
+    expected = np.log(z) + np.log(len(READ_GROUPS[1]) + 1) + np.log(np.exp(5.0) + n_colour - 1) - 5.0
+    assert _reading_loss(reader, merged[:1], colour_only).item() == pytest.approx(expected, rel=1e-5)
     # A batch with no labelled token costs nothing.
     none = {"reading": marks, "reading_mask": torch.zeros(5, dtype=torch.bool)}
     assert _reading_loss(reader, merged, none).item() == 0.0
@@ -215,7 +264,7 @@ def test_whole_view_batches_show_small_scenes_whole_and_coarse_families_at_the_b
         "scene": ItemPool(recipe, ("code", "letter"), 200, "scene", progress=False, sides=sides),
     }
     assert all(min(p.item.canvas) >= sides[0] and max(p.item.canvas) <= sides[1] for p in pools["scene"].items)
-    batch = _draw_batch(builder, pools, random.Random(3), recipe, phase=1)
+    batch = _draw_batch(builder, pools, random.Random(3), recipe, mixed=False)
     assert len(batch) == 8 and {e.view for e in batch} == {"coarse"}
     families = {e.family for e in batch}
     assert families & {"code", "letter"} and families & {"colour", "count"}
@@ -227,9 +276,51 @@ def test_whole_view_batches_show_small_scenes_whole_and_coarse_families_at_the_b
     assert all(len(p.item.scene.plates) >= 2 for p in pools["scene"].items)  # the question has to pick one
     # The start of phase 1: crops of the one-thing plates only, whole-view steps or not.
     pools["detail"] = ItemPool(recipe, ("code", "letter", "shape"), 300, "mixed", progress=False)
-    singles = _draw_batch(builder, pools, random.Random(3), recipe, phase=1, singles_only=True)
+    singles = _draw_batch(builder, pools, random.Random(3), recipe, mixed=False, singles_only=True)
     assert len(singles) == recipe.batch_size and {e.view for e in singles} == {"crop"}
     assert {e.family for e in singles} <= {"letter", "shape"}
+
+
+def test_answer_drills_ask_about_one_of_one_or_two_plates_drawn_as_in_a_scene():
+    rng = random.Random(0)
+    pairs = 0
+    for _ in range(40):
+        image, question, answer, family = answer_drill(rng, pair_frac=0.5)
+        assert image.width % 28 == 0 and image.height % 28 == 0 and image.width * image.height <= 14 * 28 * 28 * 4
+        assert question == TEMPLATES[family].format(colour=question.split()[-2])
+        colour = question.split()[-2]
+        pixels = {tuple(int(v) for v in p) for p in np.asarray(image).reshape(-1, 3)}
+        # The named plate is there (its border and tinted card); a second plate has another colour.
+        assert COLOURS[colour] in pixels and plate_fill(colour) in pixels
+        others = [c for c in COLOURS if c != colour and COLOURS[c] in pixels]
+        assert len(others) <= 1
+        pairs += len(others)
+        assert answer in ANSWER_VOCAB[family]
+    assert 10 <= pairs <= 30  # about half the drills show two plates
+    a, b = answer_drill(random.Random(5), 0.5), answer_drill(random.Random(5), 0.5)
+    assert a[0].tobytes() == b[0].tobytes() and a[1:] == b[1:]
+
+
+def test_answer_drills_draw_the_answer_on_the_named_plate():
+    # Reading the plate of the named colour with the benchmark's own renderer gives the answer: find the plate's
+    # border box and compare its pixels with render_plate of the answer at every size and padding it could have.
+    rng = random.Random(2)
+    for _ in range(12):
+        image, question, answer, family = answer_drill(rng, pair_frac=1.0)
+        colour = question.split()[-2]
+        border = np.all(np.asarray(image) == np.array(COLOURS[colour], dtype=np.uint8), axis=-1)
+        ys, xs = np.nonzero(border)
+        plate = image.crop((xs.min(), ys.min(), xs.max() + 1, ys.max() + 1))
+        kind = family
+        sizes = range(10, 40)
+        matches = [
+            (size, b, pad)
+            for size in sizes
+            for b in range(3, 7)
+            for pad in range(5, 10)
+            if render_plate(kind, answer, size, colour, border=b, pad=pad).tobytes() == plate.tobytes()
+        ]
+        assert matches, (question, answer)
 
 
 def test_the_vision_tower_stays_as_phase_0_left_it(tmp_path, monkeypatch):

@@ -10,20 +10,23 @@ Contract:
 * :func:`train_base` trains it on the benchmark's *train* split with a curriculum and writes an HF checkpoint.
   Phase 0 trains the vision tower alone to read: small :func:`reading_drill` images (one plate detail drawn as on
   a plate, 56-84 px) with a per-token cross-entropy through a linear head that is dropped afterwards (which glyph,
-  shape or pattern each merged token shows, or nothing). With the answer loss alone a from-scratch model of this
-  size sat at the answer priors for 900+ steps (the ViT gets its signal only through decoder attention that is
-  itself untrained), and a 14 px-patch ViT needs many samples to see a glyph at every offset inside a patch, so
-  cheap samples come first. Phase 1 trains the decoder (the tower stays as phase 0 left it, ``freeze_vision``) on
-  native-resolution crops around the target with the answer loss (short sequences, the §4 finding that this is
-  what gets a from-scratch model off the ground; with the tower unfrozen the reading loss on
-  :func:`reading_targets` of the crop rides along). Phase 2 mixes those crops with the coarse view of the coarse
-  families (colour, count), a few coarse views of detail questions, and the fused sequence Q-Zoom feeds (coarse
-  view + a native crop spliced after it with the engine's aligned M-RoPE positions) for every family. In both
-  phases a share of the steps are whole views: *scenes* (detail items on small canvases, seen whole 1-3x below
-  native scale, several plates in view, so the question's colour or position word has to pick the plate) and coarse
+  shape or pattern each merged token shows, which glyph of a code it is, and the colour of the plate it is on).
+  With the answer loss alone a from-scratch model of this size sat at the answer priors for 900+ steps (the ViT
+  gets its signal only through decoder attention that is itself untrained), and a 14 px-patch ViT needs many
+  samples to see a glyph at every offset inside a patch, so cheap samples come first. The tower then stays as
+  phase 0 left it (``freeze_vision``). *Drills* train the decoder on :func:`answer_drill` images: one or two
+  plates alone on a grey ground, 8-30 tokens, with the family's question (the answer characters from the glyph
+  tokens, in a code's order, and the plate by the question's colour word). *Crops* follow: native-resolution crops
+  around the target with the answer loss (short sequences first, the §4 finding that this is what gets a
+  from-scratch model off the ground; with the tower unfrozen the reading loss on :func:`reading_targets` of the
+  crop rides along). The *mixed* phase mixes those crops with the coarse view of the coarse families (colour,
+  count), a few coarse views of detail questions, and the fused sequence Q-Zoom feeds (coarse view + a native crop
+  spliced after it with the engine's aligned M-RoPE positions) for every family. In the crop and mixed phases a
+  share of the steps are whole views: *scenes* (detail items on small canvases, seen whole 1-3x below native
+  scale, several plates in view, so the question's colour or position word has to pick the plate) and coarse
   views of the coarse families; scenes are what teach the model to look at the named plate, which Stage 1 distils.
-  The loss is on the answer tokens and ``<|im_end|>`` only. Seeded: the same recipe gives the same weights as far as
-  torch's CPU kernels are deterministic.
+  The loss is on the answer tokens and ``<|im_end|>`` only. Seeded: the same recipe gives the same weights as far
+  as torch's CPU kernels are deterministic.
 * :func:`view_accuracy` is the quick teacher-forced check used between phases: greedy decoding reproduces the answer
   exactly when the argmax at every answer position is the answer's token, so one forward pass scores a batch.
 
@@ -56,12 +59,14 @@ from qzoom.evals.synthetic import (
     COARSE_FAMILIES,
     COARSE_TOKENS,
     CODE_ALPHABET,
+    CODE_LENGTH,
     COLOURS,
     DETAIL_FAMILIES,
     FAMILIES,
     PATCH_PX,
     PATTERNS,
     SHAPES,
+    TEMPLATES,
     PlateKind,
     SyntheticItem,
     crop_box_around,
@@ -71,6 +76,7 @@ from qzoom.evals.synthetic import (
     generate_item,
     iterate,
     render_detail,
+    render_plate,
 )
 from qzoom.modeling import QZoomQwen2_5_VLForConditionalGeneration, enable_qzoom
 from qzoom.offline import OfflineQwen2_5_VLProcessor, build_processor, build_tokenizer, tiny_qwen25vl_config
@@ -98,20 +104,20 @@ class BaseRecipe:
     lr: float = 1e-3  # side by side: 5e-4 learned the pattern family more slowly; 2e-3 stalled at the answer priors
     weight_decay: float = 0.01
     warmup_steps: int = 30
-    batch_size: int = 24  # phase 1: the per-step overhead dominates small crops, so samples are cheap
-    mixed_batch_size: int = 8  # phase 2: sequences of 300-600 tokens
-    crop_steps: int = 1200  # phase 1: native crops (and whole views, see `scene_frac`); 700 read fewer letters
-    # The first steps of phase 1: crops of letters, shapes and patterns only, no whole views. Side by side from one
-    # phase-0 tower: letters alone reached 80% in 250 steps, while mixed with codes and shapes they stayed at chance
-    # for 400 (one glyph to find before a code's three in order).
-    single_steps: int = 250
-    mixed_steps: int = 150  # phase 2: crops, coarse views of coarse families, fused sequences
+    batch_size: int = 24  # crops: the per-step overhead dominates small crops, so samples are cheap
+    mixed_batch_size: int = 8  # mixed: sequences of 300-600 tokens
+    crop_steps: int = 800  # native crops (and whole views, see `scene_frac`); after the drills (see `drill_steps`)
+    # The first crop steps: crops of letters, shapes and patterns only, no whole views. Without drills (from a
+    # phase-0 tower) letters alone reached 80% in 250 steps, while mixed with codes and shapes they stayed at chance
+    # for 400 (one glyph to find before a code's three in order); the drills now teach that first.
+    single_steps: int = 0
+    mixed_steps: int = 150  # crops, coarse views of coarse families, fused sequences
     pool_size: int = 128  # benchmark items held at once; `refresh` of them are replaced by new ones every step
     refresh: int = 1
-    crop_min: int = 112  # side of the native crops, pixels: up to `crop_max_phase1` in phase 1 (short sequences
-    crop_max_phase1: int = 168  # first), up to `crop_max` later (the largest zoom boxes of a 4096 px canvas)
+    crop_min: int = 112  # side of the native crops, pixels: up to `crop_max_phase1` in the crop phase (short
+    crop_max_phase1: int = 168  # sequences first), up to `crop_max` later (the largest zoom boxes of a 4096 px canvas)
     crop_max: int = 448
-    # Phase-2 batch mix: detail crops, fused sequences (detail and coarse families), coarse views (coarse families)
+    # Mixed-phase batch mix: detail crops, fused sequences (detail and coarse families), coarse views (coarse families)
     mix_crop: float = 0.25
     mix_fused: float = 0.5  # the rest: coarse views
     coarse_detail_frac: float = 0.25  # of the coarse views, detail questions (see `_draw_batch`)
@@ -126,6 +132,15 @@ class BaseRecipe:
     # shapes reached 76% exact match with it frozen and 35% with it trained on the answer loss (which at first
     # pulls the tower's reading apart before the decoder knows where to look).
     freeze_vision: bool = True
+    # Drills: the decoder (tower frozen) on `answer_drill` images: one plate, or two of different colours, alone on a
+    # grey ground (8-30 tokens), with the family's question and the answer loss. From one phase-0 tower, 800 drill
+    # steps of single plates (batch 48, 400 s) read 61% of whole codes and 89% of letters on drills and transferred
+    # to plate-sized crops (a benchmark crop costs several drills). Whole recipes side by side (README "The demo
+    # model"): 600 drills + 800 crop steps read letters on 100% of crops and fused sequences, shapes and patterns on
+    # 71%, where 1200 crop steps without drills read 71% / 57% (letters) and 43-71% (shapes, patterns).
+    drill_steps: int = 600
+    drill_batch_size: int = 48
+    drill_pair_frac: float = 0.5  # two plates: the question's colour word picks the one to read
     # Scenes: whole detail items on small canvases (`scene_min_side`..`scene_max_side`), seen whole at the budget (1x to
     # 3x below native scale, several plates in view). To answer, the model has to find the plate the question names and
     # read it in one view; that habit is what puts its answer->image attention on the named plate in the coarse view of
@@ -250,7 +265,19 @@ def _grid_box_around(
     return roi.GridBox(cx0, cy0, max(cx1, cx0 + 1), max(cy1, cy0 + 1))
 
 
-READ_CLASSES: tuple[str, ...] = (*CODE_ALPHABET, *SHAPES, *PATTERNS)  # letters are a subset of the code alphabet
+# The reading head's classes, in groups that are each a softmax with one more class, "nothing" (see `_reading_loss`):
+# what a token shows (letters are a subset of the code alphabet), which glyph of a code it is, and the plate it is on.
+READ_GROUPS: tuple[tuple[str, ...], ...] = (
+    (*CODE_ALPHABET, *SHAPES, *PATTERNS),
+    tuple(f"glyph {i + 1}" for i in range(CODE_LENGTH)),
+    tuple(f"on {colour}" for colour in COLOURS),
+)
+READ_CLASSES: tuple[str, ...] = tuple(name for group in READ_GROUPS for name in group)
+READ_LOGITS = len(READ_CLASSES) + len(READ_GROUPS)  # the reading head's outputs: each group and its "nothing"
+
+
+def _mark(targets: torch.Tensor, token: int, name: str) -> None:
+    targets[token, READ_CLASSES.index(name)] = 1.0
 
 
 def reading_targets(
@@ -260,17 +287,20 @@ def reading_targets(
     family: str,
     answer: str,
     grid_hw: tuple[int, int],
+    colour: str,
 ) -> torch.Tensor:
-    """Which detail each merged token of a native crop shows: (gh * gw, len(READ_CLASSES)) multi-hot, row-major.
+    """What each merged token of a native crop shows: (gh * gw, len(READ_CLASSES)) multi-hot, row-major.
 
     A token is marked with a character when that glyph's centre lies in it (codes: the ink's columns split into one
-    run per glyph, or into equal thirds where glyphs touch), with a shape or pattern when the ink's centre does.
-    Found from the crop's own pixels (dark ink on the light plate inside its border), so it holds for any answer drawn.
+    run per glyph, or into equal thirds where glyphs touch) and, for a code, with the glyph's place in it; with a
+    shape or pattern when the ink's centre does; and with the plate's ``colour`` when its centre lies on the card
+    inside the border. Found from the crop's own pixels (dark ink on the light plate inside its border), so it holds
+    for any answer drawn.
 
     Why: from scratch, the answer loss alone reaches the vision tower only through the decoder's attention to the
     right tokens, which is itself untrained, and both sit at the answer priors for thousands of samples. This dense
     per-token loss (a linear head on the merger's output, dropped after training) teaches the ViT to see glyphs
-    directly; the decoder then only has to learn where to look.
+    directly, in order and on which plate; the decoder then only has to learn where to look.
     """
     gh, gw = grid_hw
     targets = torch.zeros(gh * gw, len(READ_CLASSES))
@@ -279,6 +309,10 @@ def reading_targets(
     x0, y0, x1, y1 = max(0, x0), max(0, y0), min(crop.width, x1), min(crop.height, y1)
     if x1 <= x0 or y1 <= y0:
         return targets
+    for row in range(gh):
+        for col in range(gw):
+            if x0 <= (col + 0.5) * PATCH_PX / sx < x1 and y0 <= (row + 0.5) * PATCH_PX / sy < y1:
+                _mark(targets, row * gw + col, f"on {colour}")
     ink = np.asarray(crop.convert("L"))[y0:y1, x0:x1] < 128
     if not ink.any():
         return targets
@@ -296,9 +330,12 @@ def reading_targets(
             runs = [(lo + i * step, lo + (i + 1) * step) for i in range(len(answer))]
         centres = [(x0 + (a + b) / 2, char) for (a, b), char in zip(runs, answer, strict=True)]
     row = min(gh - 1, int(cy * sy // PATCH_PX))
-    for cx, value in centres:
-        col = min(gw - 1, int(cx * sx // PATCH_PX))
-        targets[row * gw + col, READ_CLASSES.index(value)] = 1.0
+    is_code = family in ("code", "code_at")
+    for place, (cx, value) in enumerate(centres):
+        token = row * gw + min(gw - 1, int(cx * sx // PATCH_PX))
+        _mark(targets, token, value)
+        if is_code:
+            _mark(targets, token, f"glyph {place + 1}")
     return targets
 
 
@@ -403,6 +440,7 @@ class ExampleBuilder:
                 item.family,
                 answer or item.answer,
                 (int(grid[1]) // self.merge, int(grid[2]) // self.merge),
+                plate.colour,
             )
         return example
 
@@ -545,10 +583,10 @@ def _draw_batch(
     pools: dict[str, ItemPool],
     rng: random.Random,
     recipe: BaseRecipe,
-    phase: int,
+    mixed: bool,
     singles_only: bool = False,
 ) -> list[Example]:
-    if singles_only:  # the start of phase 1: crops of the plates that show one thing
+    if singles_only:  # the first crop steps: crops of the plates that show one thing
         items = [p for p in pools["detail"].items if p.item.family in SINGLE_FAMILIES] or pools["detail"].items
         crop_range = (recipe.crop_min, recipe.crop_max_phase1)
         return [builder.make(rng.choice(items), "crop", rng, crop_range) for _ in range(recipe.batch_size)]
@@ -560,11 +598,11 @@ def _draw_batch(
         return [builder.single(p.coarse, p.item.question, p.item.answer, p.item.family, "coarse") for p in picks]
     examples = []
     n_fam = len(FAMILIES)
-    size = recipe.batch_size if phase == 1 else recipe.mixed_batch_size
+    size = recipe.mixed_batch_size if mixed else recipe.batch_size
     coarse_share = len(COARSE_FAMILIES) / n_fam
     for _ in range(size):
         r = rng.random()
-        if phase == 1 or r < recipe.mix_crop:
+        if not mixed or r < recipe.mix_crop:
             view: View = "crop"
             pool = pools["detail"]
         elif r < recipe.mix_crop + recipe.mix_fused:
@@ -575,7 +613,7 @@ def _draw_batch(
             # look at the plate the question names there (Stage 1 distils the SD-RPN from that attention).
             view = "coarse"
             pool = pools["detail"] if rng.random() < recipe.coarse_detail_frac else pools["coarse"]
-        crop_max = recipe.crop_max_phase1 if phase == 1 else recipe.crop_max
+        crop_max = recipe.crop_max if mixed else recipe.crop_max_phase1
         examples.append(builder.make(rng.choice(pool.items), view, rng, (recipe.crop_min, crop_max)))
     return examples
 
@@ -615,7 +653,7 @@ def train_base(
     params = [p for n, p in model.named_parameters() if not _is_branch(n) and not n.startswith(frozen)]
     read_weight = 0.0 if frozen else recipe.read_weight
     # The reading head (see `reading_targets`) reads the merger's output; it is trained here and not saved.
-    reader = torch.nn.Linear(recipe.hidden_size, len(READ_CLASSES) + 1)  # the merger projects to the text width
+    reader = torch.nn.Linear(recipe.hidden_size, READ_LOGITS)  # the merger projects to the text width
     if recipe.read_steps:
         pretrain_reading(model, reader, builder, rng, recipe, progress=progress, log=log)
     for name, p in model.named_parameters():
@@ -624,7 +662,8 @@ def train_base(
     merged: list[torch.Tensor] = []
     hook = model.model.visual.register_forward_hook(lambda _m, _i, out: merged.append(out.pooler_output))
     optimizer = torch.optim.AdamW([*params, *reader.parameters()], lr=recipe.lr, weight_decay=recipe.weight_decay)
-    total = recipe.crop_steps + recipe.mixed_steps
+    drills = recipe.drill_steps
+    total = drills + recipe.crop_steps + recipe.mixed_steps
     pad_id = engine.pad_id
     started = time.perf_counter()
     ema: float | None = None
@@ -644,13 +683,22 @@ def train_base(
             )
         )
     for step in bar:
-        phase = 1 if step < recipe.crop_steps else 2
-        if checks and step == recipe.crop_steps:
-            _log_checks(engine, checks, log, "after phase 1", scene_checks)
-        for pool in pools.values():
-            pool.refresh(recipe.refresh)
-        singles_only = step < recipe.single_steps
-        batch = collate(_draw_batch(builder, pools, rng, recipe, phase, singles_only), pad_id)
+        phase = "drills" if step < drills else "crops" if step < drills + recipe.crop_steps else "mixed"
+        if checks and step in (drills, drills + recipe.crop_steps) and step > 0:
+            _log_checks(engine, checks, log, f"before {phase}", scene_checks)
+        if phase == "drills":
+            examples = [
+                builder.single(image, question, answer, family, "crop")
+                for image, question, answer, family in (
+                    answer_drill(rng, recipe.drill_pair_frac) for _ in range(recipe.drill_batch_size)
+                )
+            ]
+        else:
+            for pool in pools.values():
+                pool.refresh(recipe.refresh)
+            singles_only = step - drills < recipe.single_steps
+            examples = _draw_batch(builder, pools, rng, recipe, phase == "mixed", singles_only)
+        batch = collate(examples, pad_id)
         for group in optimizer.param_groups:
             group["lr"] = _lr_at(step, total, recipe)
         # Explicitly on: a caller (or a test before this one) may have turned autograd off process-wide.
@@ -668,7 +716,7 @@ def train_base(
         bar.set_postfix(phase=phase, loss=f"{ema:.3f}", read=f"{read_ema:.3f}")
         if not progress and (step + 1) % 50 == 0:
             log(
-                f"base step {step + 1}/{total} phase {phase} loss {ema:.4f} read {read_ema:.4f} "
+                f"base step {step + 1}/{total} {phase} loss {ema:.4f} read {read_ema:.4f} "
                 f"{time.perf_counter() - started:.0f}s"
             )
     hook.remove()
@@ -683,23 +731,34 @@ def train_base(
 
 
 def _reading_loss(reader: torch.nn.Linear, merged: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """The reading head's cross-entropy on the batch's labelled tokens (``collate``'s ``reading_mask``): a softmax
-    over :data:`READ_CLASSES` and one more class, "nothing", per token; a token that shows two glyph centres
-    has both as a soft target. The tokens that show a detail and those that show none are averaged apart and the
-    two means added, so the few tokens with a glyph weigh as much as the many without. Zero when nothing is
-    labelled.
+    """The reading head's cross-entropy on the batch's labelled tokens (``collate``'s ``reading_mask``), summed over
+    :data:`READ_GROUPS`: per group a softmax over its classes and one more, "nothing"; a token that shows two glyph
+    centres has both as a soft target. In each group the tokens that show something and those that show nothing
+    are averaged apart and the two means added, so the few tokens with a glyph weigh as much as the many without.
+    Zero when nothing is labelled.
 
-    ``reader`` maps the vision tower's merged tokens (N, hidden) to ``len(READ_CLASSES) + 1`` logits."""
+    ``reader`` maps the vision tower's merged tokens (N, hidden) to :data:`READ_LOGITS` logits, group after group,
+    each group's "nothing" last."""
     keep = batch["reading_mask"]
     if not bool(keep.any()):
         return torch.zeros(())
-    marks = batch["reading"][keep]  # (n, classes) multi-hot
-    shows = marks.any(-1)
-    target = torch.cat([marks, (~shows).float()[:, None]], dim=-1)
-    target = target / target.sum(-1, keepdim=True)
-    per_token = torch.nn.functional.cross_entropy(reader(merged[keep]), target, reduction="none")
-    loss = per_token[~shows].mean() if bool((~shows).any()) else torch.zeros(())
-    return loss + per_token[shows].mean() if bool(shows.any()) else loss
+    logits = reader(merged[keep])
+    marks_all = batch["reading"][keep]  # (n, classes) multi-hot
+    loss = torch.zeros(())
+    first = 0
+    for g, group in enumerate(READ_GROUPS):
+        marks = marks_all[:, first : first + len(group)]
+        group_logits = logits[:, first + g : first + g + len(group) + 1]
+        first += len(group)
+        shows = marks.any(-1)
+        target = torch.cat([marks, (~shows).float()[:, None]], dim=-1)
+        target = target / target.sum(-1, keepdim=True)
+        per_token = torch.nn.functional.cross_entropy(group_logits, target, reduction="none")
+        if bool((~shows).any()):
+            loss = loss + per_token[~shows].mean()
+        if bool(shows.any()):
+            loss = loss + per_token[shows].mean()
+    return loss
 
 
 _DRILL_KINDS: tuple[PlateKind, ...] = ("code", "code", "letter", "shape", "pattern")
@@ -707,33 +766,84 @@ _DRILL_KINDS: tuple[PlateKind, ...] = ("code", "code", "letter", "shape", "patte
 
 def reading_drill(rng: random.Random, side: int) -> tuple[Image.Image, torch.Tensor]:
     """A ``side`` x ``side`` px image (a multiple of 28) of one plate detail drawn as on a plate, at a random
-    sub-pixel-free offset (codes may run off an edge), sometimes beside a coloured border band; and its reading
-    targets as :func:`reading_targets` marks them (each glyph, shape or pattern on the token holding its centre;
-    glyphs whose centre is off the image are not marked).
+    sub-pixel-free offset (codes may run off an edge), on the card of a plate of a random colour, sometimes beside
+    its border (a band of the colour along one edge); and its reading targets as :func:`reading_targets` marks them
+    (each glyph, shape or pattern on the token holding its centre, with its place in a code; glyphs whose centre is
+    off the image are not marked; every token with the card's colour).
 
     Why: a ViT with 14 px patches learns a glyph separately at every offset inside a patch, so it needs many samples;
     these cost a fraction of a benchmark crop (4-9 tokens, no scene to render), so phase 0 sees several times more.
     """
     kind = rng.choice(_DRILL_KINDS)
-    detail, centres = render_detail(kind, detail_value(rng, kind), detail_size(rng, kind))
+    colour = rng.choice(tuple(COLOURS))
+    detail, centres = render_detail(kind, detail_value(rng, kind), detail_size(rng, kind), colour)
     image = Image.new("RGB", (side, side), detail.getpixel((0, 0)))
-    if rng.random() < 0.5:  # a border band of a named colour along one edge, as near a plate's rim
+    if rng.random() < 0.5:  # the plate's border along one edge, as near its rim
         band = rng.randint(3, 12)
-        colour = COLOURS[rng.choice(tuple(COLOURS))]
         edge = rng.randrange(4)
         box = [(0, 0, band, side), (side - band, 0, side, side), (0, 0, side, band), (0, side - band, side, side)][edge]
-        image.paste(colour, box)
+        image.paste(COLOURS[colour], box)
     fits_x = side - detail.width
     x = rng.randint(min(0, fits_x), max(0, fits_x)) if kind == "code" else rng.randint(0, max(0, fits_x))
     y = rng.randint(0, max(0, side - detail.height))
     image.paste(detail, (x, y))
     g = side // PATCH_PX
     targets = torch.zeros(g * g, len(READ_CLASSES))
-    for cx, cy, name in centres:
+    targets[:, READ_CLASSES.index(f"on {colour}")] = 1.0  # the whole image is the card (a band is under 14 px)
+    for place, (cx, cy, name) in enumerate(centres):
         px, py = x + cx, y + cy
         if 0 <= px < side and 0 <= py < side:
-            targets[int(py // PATCH_PX) * g + int(px // PATCH_PX), READ_CLASSES.index(name)] = 1.0
+            token = int(py // PATCH_PX) * g + int(px // PATCH_PX)
+            _mark(targets, token, name)
+            if kind == "code":
+                _mark(targets, token, f"glyph {place + 1}")
     return image, targets
+
+
+_ANSWER_DRILL_KINDS: tuple[PlateKind, ...] = ("code", "code", "letter", "shape", "pattern")
+
+
+def answer_drill(rng: random.Random, pair_frac: float) -> tuple[Image.Image, str, str, str]:
+    """A small image (a multiple of 28 px a side) of one plate, or with probability ``pair_frac`` two plates of
+    different colours showing different details of one kind, side by side or stacked, drawn as in a scene at
+    native scale on a flat grey ground with a margin of 2-28 px; the question its family asks about the first plate
+    (by colour), the answer, the family.
+
+    Why: the decoder learns to map the tower's glyph tokens to answer characters, in a code's order, and to pick a
+    plate by its colour, on sequences of 8-30 image tokens, several times cheaper than a benchmark crop.
+    """
+    kind = rng.choice(_ANSWER_DRILL_KINDS)
+    n = 2 if rng.random() < pair_frac else 1
+    colours = rng.sample(tuple(COLOURS), n)
+    values: list[str] = []
+    while len(values) < n:
+        value = detail_value(rng, kind)
+        if value not in values:
+            values.append(value)
+    plates = [
+        render_plate(kind, value, detail_size(rng, kind), colour, border=rng.randint(3, 6), pad=rng.randint(5, 9))
+        for value, colour in zip(values, colours, strict=True)
+    ]
+    order = list(range(n))
+    rng.shuffle(order)  # the asked-about plate comes first or second
+    gap = rng.randint(4, 28)
+    side_by_side = rng.random() < 0.5
+    if side_by_side:
+        content = (sum(p.width for p in plates) + gap * (n - 1), max(p.height for p in plates))
+    else:
+        content = (max(p.width for p in plates), sum(p.height for p in plates) + gap * (n - 1))
+    w = PATCH_PX * math.ceil((content[0] + rng.randint(4, 56)) / PATCH_PX)
+    h = PATCH_PX * math.ceil((content[1] + rng.randint(4, 56)) / PATCH_PX)
+    grey = rng.randint(120, 200)
+    image = Image.new("RGB", (w, h), (grey, grey, grey))
+    x, y = rng.randint(0, w - content[0]), rng.randint(0, h - content[1])
+    for i in order:
+        image.paste(plates[i], (x, y))
+        if side_by_side:
+            x += plates[i].width + gap
+        else:
+            y += plates[i].height + gap
+    return image, TEMPLATES[kind].format(colour=colours[0]), values[0], kind
 
 
 def pretrain_reading(
