@@ -32,9 +32,11 @@ from qzoom.train.base import (
     READ_LOGITS,
     BaseRecipe,
     ExampleBuilder,
+    GroundingProbe,
     ItemPool,
     _draw_batch,
     _grid_box_around,
+    _grounding_loss,
     _reading_loss,
     answer_drill,
     build_demo_model,
@@ -285,7 +287,9 @@ def test_answer_drills_ask_about_one_of_one_or_two_plates_drawn_as_in_a_scene():
     rng = random.Random(0)
     pairs = 0
     for _ in range(40):
-        image, question, answer, family = answer_drill(rng, pair_frac=0.5)
+        image, question, answer, family, box = answer_drill(rng, pair_frac=0.5)
+        plate = image.crop(box)
+        assert COLOURS[question.split()[-2]] == plate.getpixel((0, 0))  # the box is the named plate's border
         assert image.width % 28 == 0 and image.height % 28 == 0 and image.width * image.height <= 14 * 28 * 28 * 4
         assert question == TEMPLATES[family].format(colour=question.split()[-2])
         colour = question.split()[-2]
@@ -306,7 +310,7 @@ def test_answer_drills_draw_the_answer_on_the_named_plate():
     # border box and compare its pixels with render_plate of the answer at every size and padding it could have.
     rng = random.Random(2)
     for _ in range(12):
-        image, question, answer, family = answer_drill(rng, pair_frac=1.0)
+        image, question, answer, family, _ = answer_drill(rng, pair_frac=1.0)
         colour = question.split()[-2]
         border = np.all(np.asarray(image) == np.array(COLOURS[colour], dtype=np.uint8), axis=-1)
         ys, xs = np.nonzero(border)
@@ -321,6 +325,95 @@ def test_answer_drills_draw_the_answer_on_the_named_plate():
             if render_plate(kind, answer, size, colour, border=b, pad=pad).tobytes() == plate.tobytes()
         ]
         assert matches, (question, answer)
+
+
+def test_the_grounding_probe_sees_the_attention_the_model_computes():
+    # The probe's logits, softmaxed under the causal and padding mask, are the stock eager attention weights of
+    # that head, on a padded batch of a crop, a coarse view and a fused sequence.
+    model, processor = build_demo_model(MICRO)
+    model.config._attn_implementation = "eager"
+    model.config.text_config._attn_implementation = "eager"
+    engine = QZoomEngine(model, processor)
+    builder = ExampleBuilder(engine, MICRO.min_pixels, MICRO.max_pixels)
+    rng = random.Random(0)
+    p = pool_item(generate_item("train", 2, families=("code",)), MICRO.min_pixels, MICRO.max_pixels, 448)
+    batch = collate([builder.make(p, view, rng, (112, 140)) for view in ("crop", "coarse", "fused")], engine.pad_id)
+    heads = ((1, 1), (3, 0))
+    probe = GroundingProbe(engine, heads)
+    with torch.no_grad():
+        out = model(
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            position_ids=batch["position_ids"],
+            pixel_values=batch["pixel_values"],
+            image_grid_thw=batch["image_grid_thw"],
+            output_attentions=True,
+        )
+    probe.remove()
+    n = batch["input_ids"].shape[1]
+    allowed = torch.ones(n, n, dtype=torch.bool).tril()[None] & batch["attention_mask"].bool()[:, None, :]
+    for (layer, head), logits in zip(heads, probe.scores, strict=True):
+        probs = logits.masked_fill(~allowed, float("-inf")).softmax(-1)
+        real = out.attentions[layer][:, head]
+        valid = batch["attention_mask"].bool()  # rows of padding are not compared
+        assert torch.allclose(probs[valid], real[valid], atol=1e-5)
+    with pytest.raises(ValueError, match="not in this model"):
+        GroundingProbe(engine, ((4, 0),))
+
+
+def test_grounding_loss_is_the_log_share_of_image_attention_off_the_target():
+    # Two samples of 6 tokens: [text, img, img, img, img, answer-predicting text, answer]; targets on tokens 1-2.
+    image_id = 7
+    ids = torch.tensor([[1, 7, 7, 7, 7, 2, 3], [1, 7, 7, 7, 7, 2, 3]])
+    labels = torch.full_like(ids, -100)
+    labels[:, 6] = 3  # position 5 predicts the answer token
+    ground = torch.zeros_like(ids, dtype=torch.bool)
+    ground[0, 1:3] = True
+    batch = {"input_ids": ids, "labels": labels, "attention_mask": torch.ones_like(ids), "ground": ground}
+    uniform = torch.zeros(2, 7, 7)
+    # Even over 4 image tokens, 2 of them the target: log 2. The second sample marks no target: not counted.
+    assert _grounding_loss([uniform], batch, image_id).item() == pytest.approx(np.log(2.0), rel=1e-5)
+    focused = uniform.clone()
+    focused[:, 5, 1:3] = 20.0  # the answer-predicting row looks at the target
+    assert _grounding_loss([focused], batch, image_id).item() == pytest.approx(0.0, abs=1e-6)
+    # Mass on text tokens does not count against the target: only the image share matters.
+    on_text = uniform.clone()
+    on_text[:, 5, 0] = 20.0
+    assert _grounding_loss([on_text], batch, image_id).item() == pytest.approx(np.log(2.0), rel=1e-4)
+    # Averaged over heads; nothing marked, nothing owed.
+    assert _grounding_loss([uniform, focused], batch, image_id).item() == pytest.approx(np.log(2.0) / 2, rel=1e-5)
+    none = {**batch, "ground": torch.zeros_like(ground)}
+    assert _grounding_loss([uniform], none, image_id).item() == 0.0
+
+
+def test_examples_mark_the_target_plate_for_grounding():
+    model, processor = build_demo_model(MICRO)
+    engine = QZoomEngine(model, processor)
+    builder = ExampleBuilder(engine, MICRO.min_pixels, MICRO.max_pixels)
+    rng = random.Random(0)
+    item = generate_item("train", 4, families=("letter",))
+    p = pool_item(item, MICRO.min_pixels, MICRO.max_pixels, 448)
+    coarse = builder.make(p, "coarse", rng, (112, 140))
+    # Coarse view: the cells under the plate's box, which hold its (downscaled) tinted card.
+    assert coarse.target is not None and 1 <= len(coarse.target) <= 9
+    assert (coarse.input_ids[coarse.target] == engine.image_token_id).all()
+    h, w = (int(v) // 2 for v in coarse.grids[0][1:])
+    start = int((coarse.input_ids == engine.image_token_id).nonzero()[0, 0])
+    x0, y0, x1, y1 = item.box
+    cx, cy = (x0 + x1) / 2 / item.canvas[0] * w, (y0 + y1) / 2 / item.canvas[1] * h
+    assert start + int(cy) * w + int(cx) in coarse.target.tolist()
+    # Crop: the plate's tokens; fused: the coarse cells and the zoomed crop; coarse families: nothing to find.
+    crop = builder.make(p, "crop", rng, (112, 140))
+    assert crop.target is not None and crop.reading is not None
+    shows = {int(t) for t in crop.reading[:, : len(READ_GROUPS[0])].any(-1).nonzero()[:, 0]}
+    first = int((crop.input_ids == engine.image_token_id).nonzero()[0, 0])
+    assert shows and {first + t for t in shows} <= set(crop.target.tolist())
+    fused = builder.make(p, "fused", rng, (112, 140))
+    assert fused.target is not None and len(fused.target) > len(coarse.target)
+    other = pool_item(generate_item("train", 5, families=("colour",)), MICRO.min_pixels, MICRO.max_pixels, 448)
+    assert builder.make(other, "coarse", rng, (112, 140)).target is None
+    batch = collate([coarse, crop], engine.pad_id)
+    assert batch["ground"][0].nonzero()[:, 0].tolist() == coarse.target.tolist()
 
 
 def test_the_vision_tower_stays_as_phase_0_left_it(tmp_path, monkeypatch):

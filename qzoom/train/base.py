@@ -43,17 +43,18 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
 from PIL import Image
 from tqdm import tqdm
+from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import apply_rotary_pos_emb
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
 
 from qzoom import roi
 from qzoom.checkpoint import save_checkpoint
-from qzoom.engine import MIN_BOX_SIDE, Proposal, QZoomEngine, SequenceState
+from qzoom.engine import MIN_BOX_SIDE, ImageBlock, Proposal, QZoomEngine, SequenceState
 from qzoom.evals.synthetic import (
     ANSWER_VOCAB,
     COARSE_FAMILIES,
@@ -141,6 +142,15 @@ class BaseRecipe:
     drill_steps: int = 600
     drill_batch_size: int = 48
     drill_pair_frac: float = 0.5  # two plates: the question's colour word picks the one to read
+    # Grounding: the answer->image attention of `ground_heads` ((layer, head) pairs) is taught to rest on the plate
+    # the question names (`_grounding_loss`, weight `ground_weight`), in every view where the target is in sight:
+    # drills, crops, scenes, coarse views of detail questions (where it cannot be read, only found by its colour or
+    # quadrant) and the coarse part of fused sequences. Why: Q-Zoom assumes a base model that looks where the answer
+    # is, as a pretrained VLM does after its grounding data; from the answer loss alone this model's heads stayed
+    # flat over the coarse view (localisation 0.08-0.14 on every head, README "The demo model"). Only base training
+    # items carry boxes here; Stage 1 still distils from the attention alone, on items it never sees a box of.
+    ground_weight: float = 0.3
+    ground_heads: tuple[tuple[int, int], ...] = ((2, 0), (3, 0))
     # Scenes: whole detail items on small canvases (`scene_min_side`..`scene_max_side`), seen whole at the budget (1x to
     # 3x below native scale, several plates in view). To answer, the model has to find the plate the question names and
     # read it in one view; that habit is what puts its answer->image attention on the named plate in the coarse view of
@@ -200,6 +210,7 @@ class Example:
     family: str
     view: View
     reading: torch.Tensor | None = None  # (merged tokens of the one image, len(READ_CLASSES)) for crops
+    target: torch.Tensor | None = None  # sequence indices of the image tokens that show the target (grounding)
 
 
 @dataclass
@@ -339,6 +350,23 @@ def reading_targets(
     return targets
 
 
+def target_tokens(block: ImageBlock, image_wh: tuple[int, int], box: Sequence[float]) -> torch.Tensor:
+    """Sequence indices of the tokens of image ``block`` whose cells overlap ``box`` (pixels of that image)."""
+    h, w = block.grid_hw
+    width, height = image_wh
+    c0 = min(w - 1, max(0, math.floor(box[0] / width * w)))
+    r0 = min(h - 1, max(0, math.floor(box[1] / height * h)))
+    c1 = max(c0 + 1, min(w, math.ceil(box[2] / width * w)))
+    r1 = max(r0 + 1, min(h, math.ceil(box[3] / height * h)))
+    rows, cols = torch.arange(r0, r1), torch.arange(c0, c1)
+    return block.start + (rows[:, None] * w + cols[None, :]).reshape(-1)
+
+
+def _scaled(box: Sequence[int], src_wh: tuple[int, int], dst_wh: tuple[int, int]) -> tuple[float, ...]:
+    sx, sy = dst_wh[0] / src_wh[0], dst_wh[1] / src_wh[1]
+    return (box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy)
+
+
 class ExampleBuilder:
     """Builds teacher-forced examples with the engine's own prompt, splice and positions."""
 
@@ -385,11 +413,28 @@ class ExampleBuilder:
         labels[n_prompt:] = ids[n_prompt:]
         return Example(ids, positions, labels, pixels, grids, family, view)
 
-    def single(self, image: Image.Image, question: str, answer: str, family: str, view: View) -> Example:
-        """One image (a crop, or the coarse view) and the question."""
+    def single(
+        self,
+        image: Image.Image,
+        question: str,
+        answer: str,
+        family: str,
+        view: View,
+        box: Sequence[float] | None = None,
+    ) -> Example:
+        """One image (a crop, or the coarse view) and the question; ``box``: the target in the image's pixels."""
         st = self._state(image, question)
         pixels, grid = self.engine._preprocess(image, self.min_pixels, self.max_pixels)
-        return self._finish(st, answer, [pixels], [grid], family, view)
+        example = self._finish(st, answer, [pixels], [grid], family, view)
+        if box is not None:
+            example.target = target_tokens(st.blocks[0], image.size, box)
+        return example
+
+    def coarse(self, p: PoolItem) -> Example:
+        """The coarse view and the question; detail items mark their target for the grounding loss."""
+        item = p.item
+        box = _scaled(item.box, item.canvas, p.coarse.size) if item.needs_detail else None
+        return self.single(p.coarse, item.question, item.answer, item.family, "coarse", box)
 
     def fused(self, p: PoolItem, rng: random.Random | None, answer: str | None = None) -> Example:
         """The coarse view with a native crop spliced after it, exactly as a zoom step does (``engine.splice``)."""
@@ -410,9 +455,13 @@ class ExampleBuilder:
             st, Proposal(block, empty, empty, [grid_box], [pixel_box]), [(torch.zeros(n_crop, self.hidden), crop_grid)]
         )
         coarse_pixels, coarse_grid = self.engine._preprocess(p.coarse, self.min_pixels, self.max_pixels)
-        return self._finish(
+        example = self._finish(
             st, answer or item.answer, [coarse_pixels, crop_pixels], [coarse_grid, crop_grid], item.family, "fused"
         )
+        if item.needs_detail:  # the target's coarse cells, and the whole crop (a zoom on it)
+            coarse_cells = target_tokens(block, item.canvas, item.box)
+            example.target = torch.cat([coarse_cells, torch.arange(st.blocks[1].start, st.blocks[1].end)])
+        return example
 
     def crop(self, p: PoolItem, side: int, rng: random.Random | None, answer: str | None = None) -> Example:
         """A native crop of about ``side`` px containing the target (at a random offset with ``rng``), alone.
@@ -427,7 +476,9 @@ class ExampleBuilder:
         side = max(2 * PATCH_PX, plate_side, PATCH_PX * round(side / PATCH_PX))
         box = crop_box_around(item, side, rng=rng)
         image = crop_with_answer(item, box, answer, origin=p.origin)
-        example = self.single(image, item.question, answer or item.answer, item.family, "crop")
+        x0, y0, x1, y1 = item.box
+        plate_box = (x0 - box[0], y0 - box[1], x1 - box[0], y1 - box[1])
+        example = self.single(image, item.question, answer or item.answer, item.family, "crop", plate_box)
         target = item.scene.target
         if target is not None:
             plate = item.scene.plates[target]
@@ -450,7 +501,7 @@ class ExampleBuilder:
         if view == "fused":
             return self.fused(p, rng, answer)
         if view == "coarse":
-            return self.single(p.coarse, p.item.question, p.item.answer, p.item.family, view)
+            return self.coarse(p)
         return self.crop(p, rng.randint(*crop_range), rng, answer)
 
 
@@ -477,8 +528,11 @@ def collate(examples: Sequence[Example], pad_id: int, merge: int = 2) -> dict[st
     labels = torch.full((b, n), -100, dtype=torch.long)
     mask = torch.zeros((b, n), dtype=torch.long)
     positions = torch.zeros((3, b, n), dtype=torch.float32)
+    ground = torch.zeros((b, n), dtype=torch.bool)  # the target's image tokens (grounding loss)
     for i, e in enumerate(examples):
         m = int(e.input_ids.shape[0])
+        if e.target is not None:
+            ground[i, e.target] = True
         ids[i, :m] = e.input_ids
         labels[i, :m] = e.labels
         mask[i, :m] = 1
@@ -501,6 +555,7 @@ def collate(examples: Sequence[Example], pad_id: int, merge: int = 2) -> dict[st
         "image_grid_thw": torch.stack([g for e in examples for g in e.grids]),
         "reading": torch.cat(reading),
         "reading_mask": torch.cat(read_mask),
+        "ground": ground,
     }
 
 
@@ -595,7 +650,7 @@ def _draw_batch(
         picks = [
             rng.choice(pools["scene" if rng.random() < 0.5 else "coarse"].items) for _ in range(recipe.scene_batch_size)
         ]
-        return [builder.single(p.coarse, p.item.question, p.item.answer, p.item.family, "coarse") for p in picks]
+        return [builder.coarse(p) for p in picks]
     examples = []
     n_fam = len(FAMILIES)
     size = recipe.mixed_batch_size if mixed else recipe.batch_size
@@ -661,6 +716,7 @@ def train_base(
     # The stock forward computes the merged image tokens internally; the hook hands them to the reading loss.
     merged: list[torch.Tensor] = []
     hook = model.model.visual.register_forward_hook(lambda _m, _i, out: merged.append(out.pooler_output))
+    probe = GroundingProbe(engine, recipe.ground_heads) if recipe.ground_weight > 0 else None
     optimizer = torch.optim.AdamW([*params, *reader.parameters()], lr=recipe.lr, weight_decay=recipe.weight_decay)
     drills = recipe.drill_steps
     total = drills + recipe.crop_steps + recipe.mixed_steps
@@ -668,6 +724,7 @@ def train_base(
     started = time.perf_counter()
     ema: float | None = None
     read_ema: float | None = None
+    ground_ema: float | None = None
     bar = tqdm(range(total), desc="base", disable=not progress, dynamic_ncols=True)
     checks = list(iterate("val", check_items, seed=recipe.seed)) if check_items else []
     scene_checks = []
@@ -688,8 +745,8 @@ def train_base(
             _log_checks(engine, checks, log, f"before {phase}", scene_checks)
         if phase == "drills":
             examples = [
-                builder.single(image, question, answer, family, "crop")
-                for image, question, answer, family in (
+                builder.single(image, question, answer, family, "crop", box)
+                for image, question, answer, family, box in (
                     answer_drill(rng, recipe.drill_pair_frac) for _ in range(recipe.drill_batch_size)
                 )
             ]
@@ -702,24 +759,32 @@ def train_base(
         for group in optimizer.param_groups:
             group["lr"] = _lr_at(step, total, recipe)
         # Explicitly on: a caller (or a test before this one) may have turned autograd off process-wide.
+        if probe is not None:
+            probe.scores.clear()  # the checks between phases ran forwards too
         with torch.enable_grad():
             loss, _ = answer_loss_and_hits(model, batch)
             read_loss = _reading_loss(reader, merged[-1], batch) if read_weight > 0 else torch.zeros(())
+            ground_loss = (
+                _grounding_loss(probe.scores, batch, engine.image_token_id) if probe is not None else torch.zeros(())
+            )
         merged.clear()
         optimizer.zero_grad(set_to_none=True)
-        (loss + read_weight * read_loss).backward()
+        (loss + read_weight * read_loss + recipe.ground_weight * ground_loss).backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         value = loss.item()
         ema = value if ema is None else 0.95 * ema + 0.05 * value
         read_ema = read_loss.item() if read_ema is None else 0.95 * read_ema + 0.05 * read_loss.item()
-        bar.set_postfix(phase=phase, loss=f"{ema:.3f}", read=f"{read_ema:.3f}")
+        ground_ema = ground_loss.item() if ground_ema is None else 0.95 * ground_ema + 0.05 * ground_loss.item()
+        bar.set_postfix(phase=phase, loss=f"{ema:.3f}", read=f"{read_ema:.3f}", ground=f"{ground_ema:.3f}")
         if not progress and (step + 1) % 50 == 0:
             log(
-                f"base step {step + 1}/{total} {phase} loss {ema:.4f} read {read_ema:.4f} "
+                f"base step {step + 1}/{total} {phase} loss {ema:.4f} read {read_ema:.4f} ground {ground_ema:.4f} "
                 f"{time.perf_counter() - started:.0f}s"
             )
     hook.remove()
+    if probe is not None:
+        probe.remove()
     log(f"base: {total} steps in {time.perf_counter() - started:.0f} s, final loss (EMA) {ema:.4f}")
     if checks:
         _log_checks(engine, checks, log, "final", scene_checks)
@@ -728,6 +793,67 @@ def train_base(
     model.init_branches_from_backbone()
     model.config.qzoom_base_recipe = asdict(recipe)
     return save_checkpoint(model, processor, out_dir)
+
+
+class GroundingProbe:
+    """Forward hooks on the attention modules of ``heads`` ((layer, head) pairs) that keep each head's attention
+    logits ``(B, n, n)`` of the last forward in :attr:`scores`, for :func:`_grounding_loss`.
+
+    Recomputed from the layer's input as the stock attention does (q/k projections, M-RoPE), since the fused SDPA
+    kernel does not return its weights; one head of a layer costs a fraction of the layer.
+    """
+
+    def __init__(self, engine: QZoomEngine, heads: Sequence[tuple[int, int]]) -> None:
+        self.scores: list[torch.Tensor] = []
+        layers = engine.layers
+        self.handles = []
+        for layer, head in heads:
+            if not (0 <= layer < len(layers) and 0 <= head < layers[layer].self_attn.config.num_attention_heads):
+                raise ValueError(f"grounding head {(layer, head)} is not in this model ({len(layers)} layers)")
+            hook = self._hook(head)
+            self.handles.append(layers[layer].self_attn.register_forward_hook(hook, with_kwargs=True))
+
+    def _hook(self, head: int) -> Callable[..., None]:
+        def hook(module: Any, args: Any, kwargs: dict[str, Any], output: Any) -> None:  # a Qwen2_5_VLAttention
+            hidden = kwargs["hidden_states"]  # (B, n, d), already through input_layernorm
+            b, n, _ = hidden.shape
+            hd = module.head_dim
+            kv = head // module.num_key_value_groups
+            query = module.q_proj(hidden).view(b, n, -1, hd)[:, :, head : head + 1].transpose(1, 2)  # (B, 1, n, hd)
+            key = module.k_proj(hidden).view(b, n, -1, hd)[:, :, kv : kv + 1].transpose(1, 2)  # (B, 1, n, hd)
+            cos, sin = kwargs["position_embeddings"]
+            query, key = apply_rotary_pos_emb(query, key, cos, sin)
+            self.scores.append(torch.matmul(query[:, 0].float(), key[:, 0].float().transpose(-2, -1)) * module.scaling)
+
+        return hook
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
+def _grounding_loss(scores: Sequence[torch.Tensor], batch: dict[str, torch.Tensor], image_id: int) -> torch.Tensor:
+    """Mean over the probed heads and the positions that predict an answer token of ``-log`` of the share of the
+    head's image attention that rests on the target's tokens (``collate``'s ``ground``), over the samples that mark a
+    target. A head that looks only at the target pays 0; one spread evenly over the image pays log(image / target
+    tokens). Zero when no sample marks a target."""
+    ground = batch["ground"]
+    marked = ground.any(1)
+    if not scores or not bool(marked.any()):
+        return torch.zeros(())
+    n = ground.shape[1]
+    answer_rows = torch.zeros_like(ground)
+    answer_rows[:, :-1] = batch["labels"][:, 1:] != -100  # position i predicts token i + 1
+    rows = answer_rows & marked[:, None]
+    allowed = torch.ones(n, n, dtype=torch.bool).tril()[None] & batch["attention_mask"].bool()[:, None, :]
+    image = (batch["input_ids"] == image_id).float()[:, None, :]
+    loss = torch.zeros(())
+    for logits in scores:
+        probs = logits.masked_fill(~allowed, float("-inf")).softmax(-1)  # (B, n, n)
+        on_target = (probs * ground.float()[:, None, :]).sum(-1)
+        share = on_target / (probs * image).sum(-1).clamp_min(1e-9)
+        loss = loss - share[rows].clamp_min(1e-6).log().mean()
+    return loss / len(scores)
 
 
 def _reading_loss(reader: torch.nn.Linear, merged: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -803,11 +929,11 @@ def reading_drill(rng: random.Random, side: int) -> tuple[Image.Image, torch.Ten
 _ANSWER_DRILL_KINDS: tuple[PlateKind, ...] = ("code", "code", "letter", "shape", "pattern")
 
 
-def answer_drill(rng: random.Random, pair_frac: float) -> tuple[Image.Image, str, str, str]:
+def answer_drill(rng: random.Random, pair_frac: float) -> tuple[Image.Image, str, str, str, tuple[int, int, int, int]]:
     """A small image (a multiple of 28 px a side) of one plate, or with probability ``pair_frac`` two plates of
     different colours showing different details of one kind, side by side or stacked, drawn as in a scene at
     native scale on a flat grey ground with a margin of 2-28 px; the question its family asks about the first plate
-    (by colour), the answer, the family.
+    (by colour), the answer, the family, and that plate's box.
 
     Why: the decoder learns to map the tower's glyph tokens to answer characters, in a code's order, and to pick a
     plate by its colour, on sequences of 8-30 image tokens, several times cheaper than a benchmark crop.
@@ -837,13 +963,16 @@ def answer_drill(rng: random.Random, pair_frac: float) -> tuple[Image.Image, str
     grey = rng.randint(120, 200)
     image = Image.new("RGB", (w, h), (grey, grey, grey))
     x, y = rng.randint(0, w - content[0]), rng.randint(0, h - content[1])
+    box = (0, 0, 0, 0)
     for i in order:
         image.paste(plates[i], (x, y))
+        if i == 0:
+            box = (x, y, x + plates[i].width, y + plates[i].height)
         if side_by_side:
             x += plates[i].width + gap
         else:
             y += plates[i].height + gap
-    return image, TEMPLATES[kind].format(colour=colours[0]), values[0], kind
+    return image, TEMPLATES[kind].format(colour=colours[0]), values[0], kind, box
 
 
 def pretrain_reading(
