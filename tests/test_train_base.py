@@ -41,6 +41,7 @@ from qzoom.train.base import (
     answer_drill,
     build_demo_model,
     collate,
+    model_inputs,
     pool_item,
     reading_drill,
     train_base,
@@ -341,14 +342,7 @@ def test_the_grounding_probe_sees_the_attention_the_model_computes():
     heads = ((1, 1), (3, 0))
     probe = GroundingProbe(engine, heads)
     with torch.no_grad():
-        out = model(
-            input_ids=batch["input_ids"],
-            attention_mask=batch["attention_mask"],
-            position_ids=batch["position_ids"],
-            pixel_values=batch["pixel_values"],
-            image_grid_thw=batch["image_grid_thw"],
-            output_attentions=True,
-        )
+        out = model(**model_inputs(batch), output_attentions=True)
     probe.remove()
     n = batch["input_ids"].shape[1]
     allowed = torch.ones(n, n, dtype=torch.bool).tril()[None] & batch["attention_mask"].bool()[:, None, :]

@@ -559,17 +559,19 @@ def collate(examples: Sequence[Example], pad_id: int, merge: int = 2) -> dict[st
     }
 
 
+MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids", "pixel_values", "image_grid_thw")
+
+
+def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The part of a :func:`collate` batch that the stock forward takes."""
+    return {name: batch[name] for name in MODEL_INPUTS}
+
+
 def answer_loss_and_hits(
     model: QZoomQwen2_5_VLForConditionalGeneration, batch: dict[str, torch.Tensor]
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean cross-entropy over the answer tokens, and per sample whether every answer token is the argmax."""
-    out = model(
-        input_ids=batch["input_ids"],
-        attention_mask=batch["attention_mask"],
-        position_ids=batch["position_ids"],
-        pixel_values=batch["pixel_values"],
-        image_grid_thw=batch["image_grid_thw"],
-    )
+    out = model(**model_inputs(batch))
     logits = out.logits[:, :-1].float()  # (B, n-1, V): position i predicts token i + 1
     target = batch["labels"][:, 1:]  # (B, n-1)
     loss = torch.nn.functional.cross_entropy(
