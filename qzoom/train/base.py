@@ -258,7 +258,7 @@ def pool_item(item: SyntheticItem, min_pixels: int, max_pixels: int, reach: int)
 
 
 def _grid_box_around(
-    box: tuple[int, int, int, int], grid_hw: tuple[int, int], wh: tuple[int, int], rng: random.Random | None
+    box: Sequence[float], grid_hw: tuple[int, int], wh: tuple[int, int], rng: random.Random | None
 ) -> roi.GridBox:
     """The coarse-grid cells covering ``box``, grown by 0-1 cells per side at random (``rng``), or not at all: what
     an SD-RPN that found the target proposes (its thresholded blob is rarely tight)."""
@@ -352,14 +352,9 @@ def reading_targets(
 
 def target_tokens(block: ImageBlock, image_wh: tuple[int, int], box: Sequence[float]) -> torch.Tensor:
     """Sequence indices of the tokens of image ``block`` whose cells overlap ``box`` (pixels of that image)."""
-    h, w = block.grid_hw
-    width, height = image_wh
-    c0 = min(w - 1, max(0, math.floor(box[0] / width * w)))
-    r0 = min(h - 1, max(0, math.floor(box[1] / height * h)))
-    c1 = max(c0 + 1, min(w, math.ceil(box[2] / width * w)))
-    r1 = max(r0 + 1, min(h, math.ceil(box[3] / height * h)))
-    rows, cols = torch.arange(r0, r1), torch.arange(c0, c1)
-    return block.start + (rows[:, None] * w + cols[None, :]).reshape(-1)
+    cells = _grid_box_around(box, block.grid_hw, image_wh, None)
+    rows, cols = torch.arange(cells.y0, cells.y1), torch.arange(cells.x0, cells.x1)
+    return block.start + (rows[:, None] * block.grid_hw[1] + cols[None, :]).reshape(-1)
 
 
 def _scaled(box: Sequence[int], src_wh: tuple[int, int], dst_wh: tuple[int, int]) -> tuple[float, ...]:
@@ -889,7 +884,7 @@ def _reading_loss(reader: torch.nn.Linear, merged: torch.Tensor, batch: dict[str
     return loss
 
 
-_DRILL_KINDS: tuple[PlateKind, ...] = ("code", "code", "letter", "shape", "pattern")
+_DRILL_KINDS: tuple[PlateKind, ...] = ("code", "code", "letter", "shape", "pattern")  # reading and answer drills
 
 
 def reading_drill(rng: random.Random, side: int) -> tuple[Image.Image, torch.Tensor]:
@@ -928,9 +923,6 @@ def reading_drill(rng: random.Random, side: int) -> tuple[Image.Image, torch.Ten
     return image, targets
 
 
-_ANSWER_DRILL_KINDS: tuple[PlateKind, ...] = ("code", "code", "letter", "shape", "pattern")
-
-
 def answer_drill(rng: random.Random, pair_frac: float) -> tuple[Image.Image, str, str, str, tuple[int, int, int, int]]:
     """A small image (a multiple of 28 px a side) of one plate, or with probability ``pair_frac`` two plates of
     different colours showing different details of one kind, side by side or stacked, drawn as in a scene at
@@ -940,7 +932,7 @@ def answer_drill(rng: random.Random, pair_frac: float) -> tuple[Image.Image, str
     Why: the decoder learns to map the tower's glyph tokens to answer characters, in a code's order, and to pick a
     plate by its colour, on sequences of 8-30 image tokens, several times cheaper than a benchmark crop.
     """
-    kind = rng.choice(_ANSWER_DRILL_KINDS)
+    kind = rng.choice(_DRILL_KINDS)
     n = 2 if rng.random() < pair_frac else 1
     colours = rng.sample(tuple(COLOURS), n)
     values: list[str] = []
