@@ -72,6 +72,7 @@ class DemoReport:
     detail: list[bool] = field(default_factory=list)
     families: list[str] = field(default_factory=list)
     gt_boxes: list[tuple[int, int, int, int]] = field(default_factory=list)
+    image_sizes: list[tuple[int, int]] = field(default_factory=list)  # (width, height) of each item's canvas
     runs: dict[str, RunStats] = field(default_factory=dict)
 
     def accuracy(self, run_name: str, which: str = "all") -> float:
@@ -114,6 +115,18 @@ class DemoReport:
             if d
         ]
         return sum(hits) / len(hits) if hits else float("nan")
+
+    def rpn_box_share(self) -> float:
+        """Median share of the image that the forced-zoom box covers, over the detail questions (1.0 where no box
+        was proposed). A box over the whole image contains every target's centre: the hit rate means something only
+        beside this."""
+        boxes = self.runs[f"forced@{self.small_budget}"].boxes
+        shares = sorted(
+            1.0 if b is None else (b[2] - b[0]) * (b[3] - b[1]) / (w * h)
+            for b, (w, h), d in zip(boxes, self.image_sizes, self.detail, strict=True)
+            if d
+        )
+        return shares[len(shares) // 2] if shares else float("nan")
 
 
 def _small(r: DemoReport) -> str:
@@ -191,6 +204,7 @@ def _measure_chunk(
         report.detail.append(item.needs_detail)
         report.families.append(item.family)
         report.gt_boxes.append(item.box)
+        report.image_sizes.append(item.canvas)
     for name, options in configs:
         states = [engine.new_state(item.image, item.question, options) for item in items]
         start = time.perf_counter()
@@ -236,6 +250,7 @@ def format_report(report: DemoReport) -> str:
         fmt = f"{value:>9.2f}" if "throughput" in target.name else f"{value:>9.1%}"
         bound = f"{target.bound:.2f}" if "throughput" in target.name else f"{target.bound:.0%}"
         lines.append(f"{target.name:<42} {fmt} {op}{bound:>6}  {'yes' if target.met(report) else 'NO'}")
+    lines.append(f"{'SD-RPN box, median share of the image':<42} {report.rpn_box_share():>9.1%}")
     return "\n".join(lines)
 
 

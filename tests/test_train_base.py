@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from qzoom.cli import app
 from qzoom.engine import QZoomEngine
-from qzoom.evals.demo import TARGETS, evaluate_demo, format_report, uncached_engine
+from qzoom.evals.demo import TARGETS, DemoReport, RunStats, evaluate_demo, format_report, uncached_engine
 from qzoom.evals.synthetic import (
     ANSWER_VOCAB,
     COLOURS,
@@ -451,6 +451,19 @@ def test_eval_demo_measures_every_configuration_on_the_same_items(micro_dir):
     table = format_report(report)
     for target in TARGETS:
         assert target.name in table
+    assert "median share of the image" in table
+
+
+def test_rpn_box_share_is_the_median_box_area_over_detail_questions():
+    report = DemoReport(small_budget=256, budgets=())
+    report.detail = [True, True, True, False]
+    report.image_sizes = [(100, 100), (200, 100), (100, 100), (100, 100)]
+    report.runs["forced@256"] = RunStats("forced@256")
+    # 10% of the first image, the whole second one, none proposed on the third, a coarse question ignored.
+    report.runs["forced@256"].boxes = [[0, 0, 10, 100], [0, 0, 200, 100], None, [0, 0, 1, 1]]
+    assert report.rpn_box_share() == 1.0
+    report.runs["forced@256"].boxes[1] = [0, 0, 50, 100]  # a quarter
+    assert report.rpn_box_share() == 0.25
 
 
 def test_eval_demo_command_rejects_bad_input(micro_dir):
