@@ -11,25 +11,26 @@ Contract:
   by the coarse view (the gate's negatives). Questions come from :data:`TEMPLATES`, answers from
   :data:`ANSWER_VOCAB` (closed, small; every answer character is in :data:`ANSWER_CHARS`).
 * Every scene is laid out on the four quadrants of a canvas of ``min_side..max_side`` pixels a side (aspect at most
-  :data:`MAX_ASPECT`) over a textured, speckled, low-chroma background. A quadrant holds at most one of: a *plate*
-  (a small light card tinted with its colour, a border of it, and one detail: a code, a letter, a shape or a 1-px
-  pattern), a *large region* (a filled rectangle or ellipse) or a *large frame* (a hollow thick rectangle). Every
-  coloured object in an image has its own colour from :data:`COLOURS`, so "the red frame" names exactly one object.
-  Grey clutter (codes and shapes outside any object) is the distractor that is not in a frame.
+  :data:`MAX_ASPECT`) over a textured, speckled, low-chroma background. A quadrant holds at most one of: a *plate* (a
+  light card tinted with its colour, :data:`_PLATE_COARSE_PX` coarse pixels a side or more, a border of the colour,
+  and one small detail centred in it: a code, a letter, a shape or a 1-px pattern), a *large region* (a filled
+  rectangle or ellipse) or a *large frame* (a hollow thick rectangle). Every coloured object in an image has its own
+  colour from :data:`COLOURS`, so "the red frame" names exactly one object. Grey clutter (codes and shapes outside any
+  object) is the distractor that is not in a frame.
 * Detail questions name the target plate by colour (or by quadrant for ``code_at``); the other plates carry
   different answers of the same kind. ``box`` is the target plate's outer box; ``content_box`` the ink of the answer.
   Coarse questions: ``box`` is the large region, or the union of the counted large frames.
 * Boxes are ``(x0, y0, x1, y1)`` integer pixels of the original image, x1/y1 exclusive.
 
-Why detail is lost in the coarse view (checked without a model in ``tests/test_synthetic.py``): the coarse view is
-the whole image resized to :data:`COARSE_TOKENS` merged tokens of :data:`PATCH_PX` pixels (448x448 for a square), a
+Why detail is lost in the coarse view (checked without a model in ``tests/test_synthetic.py``): the coarse view is the
+whole image resized to :data:`COARSE_TOKENS` merged tokens of :data:`PATCH_PX` pixels (448x448 for a square), a
 downscale of 2x at 896 px and 9x at 4096 px (median about 5.5x; under 4x for about a fifth of the canvases). The
-detail has a fixed native size (glyphs 20-27 px tall on a 28 px pitch, shapes on 26-34 px tiles, patterns of 18-26
-px) while plate borders (about 3 coarse pixels), large regions and large frames scale with the canvas, so "where"
-and the coarse answers survive the downscale and "what" does not. The patterns are 1-px, 50 % duty and share one
-mean, so they cancel under any >= 2x antialiased downscale; the shapes have equal ink area, so they leave blobs of
-the same weight; text and shapes keep a blurred residue that shrinks with the factor (legible up to about 4x). A
-native crop keeps everything.
+detail has a fixed native size (glyphs 20-27 px tall on a 28 px pitch, shapes on 26-34 px tiles, patterns of 18-26 px)
+while plates (1.6 coarse tokens a side, borders of about 3 coarse pixels), large regions and large frames scale with
+the canvas, so "where" and the coarse answers survive the downscale and "what" does not. The patterns are 1-px, 50 %
+duty and share one mean, so they cancel under any >= 2x antialiased downscale; the shapes have equal ink area, so they
+leave blobs of the same weight; text and shapes keep a blurred residue that shrinks with the factor (legible up to
+about 4x). A native crop keeps everything.
 
 Scoring: :func:`normalize_answer` / :func:`exact_match` (lower case, number words to digits, a leading article and
 everything that is not a letter or digit dropped); :func:`box_contains_center` for proposed zoom boxes.
@@ -113,8 +114,9 @@ PlateKind = Literal["code", "letter", "shape", "pattern"]
 
 # Bump when the drawing changes, so that a stored export can be told apart from a new one; it also salts the RNG.
 # 2: details twice as large (a from-scratch ViT learns them, see _FONT_SIZES); 3: text on a fixed pitch (_pitch);
-# 4: plate cards tinted with their colour (plate_fill).
-GENERATOR_VERSION = 4
+# 4: plate cards tinted with their colour (plate_fill); 5: plates a fixed size at coarse scale (_PLATE_COARSE_PX), the
+# tint stronger.
+GENERATOR_VERSION = 5
 
 SPLITS = ("train", "val", "test")
 FAMILIES = ("code", "code_at", "letter", "shape", "pattern", "colour", "count")
@@ -170,7 +172,13 @@ MIN_CANVAS_SIDE = 256
 
 _INK: RGB = (22, 22, 26)
 _PLATE_FILL: RGB = (238, 238, 234)
-_PLATE_TINT = 0.3  # share of the plate's colour in its card's fill (see plate_fill)
+_PLATE_TINT = 0.4  # share of the plate's colour in its card's fill (see plate_fill)
+# A plate's card is at least this many coarse pixels a side (1.6 merged tokens; 396 px at the 9x downscale of a
+# 4096 px canvas), the detail centred in it. Why: with cards just around the detail (v4) a plate covered about one
+# coarse token, and a linear probe on the coarse tokens over a plate named its colour on only 53% of plates, so no
+# head could find "the red frame" in the coarse view; a card of 1.6 tokens covers at least 60% of some token wherever
+# it lies. The card alone still fits the 256-token zoom budget natively (396 px < 448 px).
+_PLATE_COARSE_PX = 44
 # Aileron cap height 20-27 px, one glyph to one 28 px token (see _pitch): legible natively, a few coarse pixels at the
 # median 5.5x downscale. Why not smaller: a ViT trained from scratch with 14 px patches learns a glyph at every
 # sub-patch offset separately; at 10-13 px it was at 33% after 80 k isolated samples, at 20-27 px at 96% (a probe,
@@ -191,8 +199,8 @@ _PLATE_KIND: Mapping[str, PlateKind] = {
 
 @dataclass(frozen=True)
 class Plate:
-    """A small light card tinted with its colour (:func:`plate_fill`), a border of the colour, and one detail (the
-    value) centred inside it."""
+    """A light card tinted with its colour (:func:`plate_fill`), a border of the colour, and one detail (the value)
+    centred inside it; the card is :data:`_PLATE_COARSE_PX` coarse pixels a side or the detail's size, if larger."""
 
     quadrant: int
     colour: str
@@ -368,7 +376,8 @@ def _make_plate(
     size = detail_size(rng, kind)
     content_w, content_h = _content_size(kind, size)
     pad = rng.randint(5, 9)
-    outer = (content_w + 2 * (pad + border), content_h + 2 * (pad + border))
+    card = round(_PLATE_COARSE_PX * scale)
+    outer = (max(card, content_w + 2 * (pad + border)), max(card, content_h + 2 * (pad + border)))
     margin = round(0.05 * min(canvas))  # keeps the plate clearly inside its quadrant for the position words
     box = _place(rng, _quadrant_rect(quadrant, canvas), outer, margin)
     return Plate(quadrant=quadrant, colour=colour, kind=kind, value=value, box=box, border=border, size=size)
@@ -796,7 +805,7 @@ def plate_fill(colour: str) -> RGB:
     Why tinted: every token that shows a plate's detail then also shows which plate it is, so the question's colour
     word can pick the tokens to read in one attention step (with a white card, a tiny model has to find the coloured
     ring first and then look inside it); and at coarse scale the plate is a pale blob of its colour rather than a
-    3-px ring. The card stays light (luminance 190 or more, the ink 22) and the detail is no more legible for it.
+    3-px ring. The card stays light (luminance 175 or more, the ink 22) and the detail is no more legible for it.
     """
     mixed = [round((1 - _PLATE_TINT) * p + _PLATE_TINT * c) for p, c in zip(_PLATE_FILL, COLOURS[colour], strict=True)]
     return (mixed[0], mixed[1], mixed[2])
@@ -811,11 +820,14 @@ def _draw_plate(image: Image.Image, draw: ImageDraw.ImageDraw, plate: Plate) -> 
     return _draw_detail(image, draw, plate.kind, plate.value, inner, plate.size, _INK, fill)
 
 
-def render_plate(kind: PlateKind, value: str, size: int, colour: str, *, border: int = 3, pad: int = 7) -> Image.Image:
-    """One plate alone, drawn exactly as in a scene at native scale (border, tinted card, detail at ``size``), in an
-    image of its outer size. For short training sequences about one or two plates (``qzoom.train.base``)."""
+def render_plate(
+    kind: PlateKind, value: str, size: int, colour: str, *, border: int = 3, pad: int = 7, card: int = 0
+) -> Image.Image:
+    """One plate alone, drawn exactly as in a scene at native scale (border, tinted card at least ``card`` px a side,
+    detail at ``size``), in an image of its outer size. For short training sequences about one or two plates
+    (``qzoom.train.base``)."""
     content_w, content_h = _content_size(kind, size)
-    w, h = content_w + 2 * (pad + border), content_h + 2 * (pad + border)
+    w, h = max(card, content_w + 2 * (pad + border)), max(card, content_h + 2 * (pad + border))
     image = Image.new("RGB", (w, h))
     plate = Plate(quadrant=0, colour=colour, kind=kind, value=value, box=(0, 0, w, h), border=border, size=size)
     _draw_plate(image, ImageDraw.Draw(image), plate)
@@ -842,15 +854,18 @@ def coarse_view(image: Image.Image, max_tokens: int = COARSE_TOKENS, patch: int 
     return image.resize(coarse_size(*image.size, max_tokens=max_tokens, patch=patch), Image.Resampling.BICUBIC)
 
 
-def crop_box_around(item: SyntheticItem, size: int, *, rng: random.Random | None = None) -> Box:
-    """A ``size`` x ``size`` box of the original image that contains ``item.box``.
+def crop_box_around(
+    item: SyntheticItem, size: int, *, rng: random.Random | None = None, around: Sequence[int] | None = None
+) -> Box:
+    """A ``size`` x ``size`` box of the original image that contains ``around`` (default ``item.box``, the target).
 
-    Centred on the target, or at a uniformly random offset that still contains it when ``rng`` is given (so a model
-    trained on crops does not learn that the answer is always in the middle). The box is clamped to the canvas, and
-    grows to the target's extent on an axis where the target is larger than ``size``.
+    Centred on it, or at a uniformly random offset that still contains it when ``rng`` is given (so a model trained
+    on crops does not learn that the answer is always in the middle). The box is clamped to the canvas, and grows to
+    the target's extent on an axis where the target is larger than ``size``. Pass ``around=item.content_box`` (or a
+    margin around it) for a crop of the detail alone, smaller than its plate's card.
     """
     width, height = item.canvas
-    x0, y0, x1, y1 = item.box
+    x0, y0, x1, y1 = item.box if around is None else (int(v) for v in around)
 
     def axis(lo: int, hi: int, limit: int) -> tuple[int, int]:
         span = min(max(size, hi - lo), limit)

@@ -183,8 +183,9 @@ def test_detail_targets_are_small_and_coarse_targets_are_large(default_items: li
             cx0, cy0, cx1, cy1 = it.content_box
             assert max(cx1 - cx0, cy1 - cy0) <= 84
             assert max(x1 - x0, y1 - y0) <= 0.15 * min(width, height)
-            # The plate itself (where) stays visible at coarse scale: its border alone is about 2 x 3 coarse pixels.
-            assert min(x1 - x0, y1 - y0) * to_coarse >= 7
+            # The plate itself (where) stays visible at coarse scale: its card is about 1.6 coarse tokens a side, so
+            # it fills at least one merged token whole wherever it lies.
+            assert min(x1 - x0, y1 - y0) * to_coarse >= 40
         else:
             objects = it.scene.regions if it.family == "colour" else it.scene.frames
             for obj in objects:
@@ -282,8 +283,11 @@ def test_render_plate_draws_a_plate_exactly_as_the_scene_does():
             x0, y0, x1, y1 = plate.box
             content_w, content_h = (x1 - x0 - 2 * plate.border, y1 - y0 - 2 * plate.border)
             image = None
+            card = min(x1 - x0, y1 - y0)  # a card side, or the detail's height with its padding (then below both)
             for pad in range(5, 10):  # the scene drew it with a padding of 5-9 px, not kept in the Plate
-                drawn = render_plate(plate.kind, plate.value, plate.size, plate.colour, border=plate.border, pad=pad)
+                drawn = render_plate(
+                    plate.kind, plate.value, plate.size, plate.colour, border=plate.border, pad=pad, card=card
+                )
                 if drawn.size == (x1 - x0, y1 - y0):
                     image = drawn
             assert image is not None, (content_w, content_h)
@@ -294,12 +298,15 @@ def test_render_plate_draws_a_plate_exactly_as_the_scene_does():
 
 
 def _twin_rms(item: SyntheticItem, twin: SyntheticItem) -> tuple[float, float, float]:
-    """RMS of (item - twin) over the target box: native, in the 256-token coarse view, and the coarse max."""
-    native = _pixels(item.image.crop(item.box)) - _pixels(twin.image.crop(item.box))
+    """RMS of (item - twin) over the detail (both answers' ink boxes): native, in the 256-token coarse view, and the
+    coarse max. (Over the whole plate the card, the same in both, would dilute both RMS values.)"""
+    a_box, b_box = item.content_box, twin.content_box
+    ink = (min(a_box[0], b_box[0]), min(a_box[1], b_box[1]), max(a_box[2], b_box[2]), max(a_box[3], b_box[3]))
+    native = _pixels(item.image.crop(ink)) - _pixels(twin.image.crop(ink))
     a, b = coarse_view(item.image), coarse_view(twin.image)
     fx, fy = a.width / item.canvas[0], a.height / item.canvas[1]
-    x0, y0, x1, y1 = item.box
-    # Every coarse pixel the target touches.
+    x0, y0, x1, y1 = ink
+    # Every coarse pixel the detail touches.
     coarse_box = (int(x0 * fx), int(y0 * fy), int(np.ceil(x1 * fx)), int(np.ceil(y1 * fy)))
     coarse = _pixels(a.crop(coarse_box)) - _pixels(b.crop(coarse_box))
     return float(np.sqrt((native**2).mean())), float(np.sqrt((coarse**2).mean())), float(np.abs(coarse).max())
@@ -313,7 +320,7 @@ def test_the_coarse_view_loses_the_detail_and_a_native_crop_keeps_it() -> None:
     # RMS from 6x on, where a 20-27 px glyph is 3-4 coarse pixels tall.
     rng = random.Random(0)
     ratios: dict[str, list[float]] = {f: [] for f in DETAIL_FAMILIES}
-    for it in iterate("test", 15, families=["code", "letter", "shape", "pattern", "code_at"]):
+    for it in iterate("test", 30, families=["code", "letter", "shape", "pattern", "code_at"]):
         other = it.answer
         while other == it.answer:
             other = rng.choice(ANSWER_VOCAB[it.family])
@@ -324,14 +331,14 @@ def test_the_coarse_view_loses_the_detail_and_a_native_crop_keeps_it() -> None:
         scale = it.canvas[0] / coarse_size(*it.canvas)[0]
         if it.family == "pattern":
             assert ratio < 0.12 and coarse_max < 30, (it.uid, ratio, coarse_max)
-        elif scale >= 6:
-            assert ratio < 0.5, (it.uid, ratio)
+        elif scale >= 6:  # a shape's outline differs from another's less than a glyph's does: a looser bound
+            assert ratio < (0.6 if it.family == "shape" else 0.5), (it.uid, ratio)
         # The native crop shows the answer with full contrast: what Q-Zoom's crop feeds the model.
         crop_a, crop_b = crop_around(it, 448), crop_around(twin, 448)
         assert np.abs(_pixels(crop_a) - _pixels(crop_b)).max() > 150
         assert crop_a.tobytes() == it.image.crop(crop_box_around(it, 448)).tobytes()  # native pixels, no resampling
     everything = [r for family in ratios.values() for r in family]
-    assert float(np.median(everything)) < 0.45
+    assert float(np.median(everything)) < 0.5  # the median detail keeps under half its contrast
     assert max(ratios["pattern"]) < 0.12
 
 

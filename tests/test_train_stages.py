@@ -177,7 +177,11 @@ def test_stage1_labels_never_see_ground_truth_boxes(base_dir, items):
 
 def test_stage1_picks_heads_on_calibration_items(base_dir, items, tmp_path):
     calibration = SyntheticItems(3, split="val", min_side=256, max_side=256)
-    config = Stage1Config(max_new_tokens=3, batch_size=2, max_steps=1, top_k_heads=2, **RUNTIME)
+    # A random model's maps are weak and wide: accept any label (even a whole-map box), since what is tested is
+    # the heads' record.
+    config = Stage1Config(
+        max_new_tokens=3, batch_size=2, max_steps=1, top_k_heads=2, min_peak=0.0, max_box_frac=1.01, **RUNTIME
+    )
     out = train_stage1(base_dir, items, tmp_path / "out", config, calibration=calibration)
     recorded = json.loads((out / "config.json").read_text())["qzoom_stage1_heads"]
     assert len(recorded["grounding"]) == 2 and "calibration" in recorded["source"]

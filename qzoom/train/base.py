@@ -76,6 +76,7 @@ from qzoom.evals.synthetic import (
     detail_value,
     generate_item,
     iterate,
+    plate_fill,
     render_detail,
     render_plate,
 )
@@ -163,6 +164,11 @@ class BaseRecipe:
     scene_batch_size: int = 6
     scene_min_side: int = 448
     scene_max_side: int = 1344
+    # Downscaled details: a share `zoom_frac` of the reading drills and the crops is drawn up to `zoom_max` times
+    # larger and resized down to its side. Why: a plate's card is 1.6 coarse cells a side (evals.synthetic), so the
+    # SD-RPN's box on a large canvas spans 2-4 cells, up to 1000 px, which the processor resizes to the 448 px budget.
+    zoom_frac: float = 0.35
+    zoom_max: float = 2.0
 
     @property
     def max_pixels(self) -> int:
@@ -362,6 +368,11 @@ def _scaled(box: Sequence[int], src_wh: tuple[int, int], dst_wh: tuple[int, int]
     return (box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy)
 
 
+# Crops hold the detail's ink box grown by this much (within the card): another answer drawn on the plate (a wider
+# letter, a code of other glyphs) inks a few pixels more or less than the scene's own.
+_DETAIL_MARGIN = 8
+
+
 class ExampleBuilder:
     """Builds teacher-forced examples with the engine's own prompt, splice and positions."""
 
@@ -458,31 +469,46 @@ class ExampleBuilder:
             example.target = torch.cat([coarse_cells, torch.arange(st.blocks[1].start, st.blocks[1].end)])
         return example
 
-    def crop(self, p: PoolItem, side: int, rng: random.Random | None, answer: str | None = None) -> Example:
-        """A native crop of about ``side`` px containing the target (at a random offset with ``rng``), alone.
+    def crop(
+        self, p: PoolItem, side: int, rng: random.Random | None, answer: str | None = None, zoom: float = 1.0
+    ) -> Example:
+        """A crop of about ``side`` px containing the target's detail (at a random offset with ``rng``), alone: native,
+        or ``zoom`` > 1 times as much of the canvas resized down to the side (bicubic, as the processor resizes a zoom
+        box larger than the budget).
 
-        The side is snapped to a multiple of the 28 px token, and grown to one that holds the whole plate (a crop
-        narrower than the plate would grow to the plate's odd size), so the processor does not resample the crop:
-        1-px patterns and 10-px glyphs reach the ViT intact (fused examples show the resampled crops of real boxes).
+        The crop holds the detail with a margin of :data:`_DETAIL_MARGIN` px (any answer drawn there fits), not the
+        whole card, which is up to 396 px a side. The side is snapped to a multiple of the 28 px token, and grown to
+        one that holds the detail (a crop narrower than it would grow to its odd size), so the processor does not
+        resample a native crop: 1-px patterns reach the ViT intact (fused examples show the resampled crops of real
+        boxes).
         """
         item = p.item
-        x0, y0, x1, y1 = item.box
-        plate_side = PATCH_PX * math.ceil(max(x1 - x0, y1 - y0) / PATCH_PX)
-        side = max(2 * PATCH_PX, plate_side, PATCH_PX * round(side / PATCH_PX))
-        box = crop_box_around(item, side, rng=rng)
+        px0, py0, px1, py1 = item.box
+        cx0, cy0, cx1, cy1 = item.content_box
+        m = _DETAIL_MARGIN
+        detail = (max(px0, cx0 - m), max(py0, cy0 - m), min(px1, cx1 + m), min(py1, cy1 + m))
+        detail_side = max(detail[2] - detail[0], detail[3] - detail[1])
+        side = max(2 * PATCH_PX, PATCH_PX * math.ceil(detail_side / zoom / PATCH_PX), PATCH_PX * round(side / PATCH_PX))
+        box = crop_box_around(item, max(detail_side, round(side * zoom)), rng=rng, around=detail)
         image = crop_with_answer(item, box, answer, origin=p.origin)
+        plate = item.scene.plates[item.scene.target] if item.scene.target is not None else None
+        if image.size != (side, side):  # zoomed out (or clamped at the canvas's edge): to the side the model sees
+            image = image.resize((side, side), Image.Resampling.BICUBIC)
+        f = side / (box[2] - box[0])
         x0, y0, x1, y1 = item.box
-        plate_box = (x0 - box[0], y0 - box[1], x1 - box[0], y1 - box[1])
+        plate_box = (
+            round((x0 - box[0]) * f),
+            round((y0 - box[1]) * f),
+            round((x1 - box[0]) * f),
+            round((y1 - box[1]) * f),
+        )
         example = self.single(image, item.question, answer or item.answer, item.family, "crop", plate_box)
-        target = item.scene.target
-        if target is not None:
-            plate = item.scene.plates[target]
-            px0, py0, px1, py1 = plate.box
+        if plate is not None:
             grid = example.grids[0]
             example.reading = reading_targets(
                 image,
-                (px0 - box[0], py0 - box[1], px1 - box[0], py1 - box[1]),
-                plate.border,
+                plate_box,
+                max(1, round(plate.border * f)),
                 item.family,
                 answer or item.answer,
                 (int(grid[1]) // self.merge, int(grid[2]) // self.merge),
@@ -490,14 +516,23 @@ class ExampleBuilder:
             )
         return example
 
-    def make(self, p: PoolItem, view: View, rng: random.Random, crop_range: tuple[int, int]) -> Example:
-        """An example of ``view``; detail crops show a fresh random answer drawn on the target."""
+    def make(
+        self, p: PoolItem, view: View, rng: random.Random, crop_range: tuple[int, int], zoom: float = 1.0
+    ) -> Example:
+        """An example of ``view``; detail crops show a fresh random answer drawn on the target, ``zoom`` times
+        downscaled (at most to the largest crop of ``crop_range``, the reach of a pooled item)."""
         answer = _fresh_answer(p.item, rng)
         if view == "fused":
             return self.fused(p, rng, answer)
         if view == "coarse":
             return self.coarse(p)
-        return self.crop(p, rng.randint(*crop_range), rng, answer)
+        side = rng.randint(*crop_range)
+        return self.crop(p, side, rng, answer, min(zoom, crop_range[1] / side))
+
+
+def _zoom(rng: random.Random, frac: float, zoom_max: float) -> float:
+    """1 (native scale), or with probability ``frac`` a downscale factor drawn from ``1 .. zoom_max``."""
+    return rng.uniform(1.0, zoom_max) if rng.random() < frac else 1.0
 
 
 def _fresh_answer(item: SyntheticItem, rng: random.Random) -> str | None:
@@ -641,7 +676,10 @@ def _draw_batch(
     if singles_only:  # the first crop steps: crops of the plates that show one thing
         items = [p for p in pools["detail"].items if p.item.family in SINGLE_FAMILIES] or pools["detail"].items
         crop_range = (recipe.crop_min, recipe.crop_max_phase1)
-        return [builder.make(rng.choice(items), "crop", rng, crop_range) for _ in range(recipe.batch_size)]
+        return [
+            builder.make(rng.choice(items), "crop", rng, crop_range, _zoom(rng, recipe.zoom_frac, recipe.zoom_max))
+            for _ in range(recipe.batch_size)
+        ]
     if "scene" in pools and rng.random() < recipe.scene_frac:
         # Whole views only (sequences of one length): scenes, and coarse views of the coarse families.
         picks = [
@@ -666,7 +704,8 @@ def _draw_batch(
             view = "coarse"
             pool = pools["detail"] if rng.random() < recipe.coarse_detail_frac else pools["coarse"]
         crop_max = recipe.crop_max if mixed else recipe.crop_max_phase1
-        examples.append(builder.make(rng.choice(pool.items), view, rng, (recipe.crop_min, crop_max)))
+        zoom = _zoom(rng, recipe.zoom_frac, recipe.zoom_max)
+        examples.append(builder.make(rng.choice(pool.items), view, rng, (recipe.crop_min, crop_max), zoom))
     return examples
 
 
@@ -887,34 +926,39 @@ def _reading_loss(reader: torch.nn.Linear, merged: torch.Tensor, batch: dict[str
 _DRILL_KINDS: tuple[PlateKind, ...] = ("code", "code", "letter", "shape", "pattern")  # reading and answer drills
 
 
-def reading_drill(rng: random.Random, side: int) -> tuple[Image.Image, torch.Tensor]:
+def reading_drill(rng: random.Random, side: int, zoom: float = 1.0) -> tuple[Image.Image, torch.Tensor]:
     """A ``side`` x ``side`` px image (a multiple of 28) of one plate detail drawn as on a plate, at a random
     sub-pixel-free offset (codes may run off an edge), on the card of a plate of a random colour, sometimes beside
     its border (a band of the colour along one edge); and its reading targets as :func:`reading_targets` marks them
     (each glyph, shape or pattern on the token holding its centre, with its place in a code; glyphs whose centre is
-    off the image are not marked; every token with the card's colour).
+    off the image are not marked; every token with the card's colour). ``zoom`` > 1 draws the drill ``zoom`` times
+    larger and downscales it to ``side`` (bicubic, as the processor resizes a zoom box larger than the budget).
 
     Why: a ViT with 14 px patches learns a glyph separately at every offset inside a patch, so it needs many samples;
     these cost a fraction of a benchmark crop (4-9 tokens, no scene to render), so phase 0 sees several times more.
+    The downscaled ones are what a zoom box of several coarse cells on a large canvas shows (up to about 2x).
     """
     kind = rng.choice(_DRILL_KINDS)
     colour = rng.choice(tuple(COLOURS))
     detail, centres = render_detail(kind, detail_value(rng, kind), detail_size(rng, kind), colour)
-    image = Image.new("RGB", (side, side), detail.getpixel((0, 0)))
+    big = round(side * zoom)
+    image = Image.new("RGB", (big, big), plate_fill(colour))  # (a pattern's tile is ink at its corner)
     if rng.random() < 0.5:  # the plate's border along one edge, as near its rim
         band = rng.randint(3, 12)
         edge = rng.randrange(4)
-        box = [(0, 0, band, side), (side - band, 0, side, side), (0, 0, side, band), (0, side - band, side, side)][edge]
+        box = [(0, 0, band, big), (big - band, 0, big, big), (0, 0, big, band), (0, big - band, big, big)][edge]
         image.paste(COLOURS[colour], box)
-    fits_x = side - detail.width
+    fits_x = big - detail.width
     x = rng.randint(min(0, fits_x), max(0, fits_x)) if kind == "code" else rng.randint(0, max(0, fits_x))
-    y = rng.randint(0, max(0, side - detail.height))
+    y = rng.randint(0, max(0, big - detail.height))
     image.paste(detail, (x, y))
+    if big != side:
+        image = image.resize((side, side), Image.Resampling.BICUBIC)
     g = side // PATCH_PX
     targets = torch.zeros(g * g, len(READ_CLASSES))
     targets[:, READ_CLASSES.index(f"on {colour}")] = 1.0  # the whole image is the card (a band is under 14 px)
     for place, (cx, cy, name) in enumerate(centres):
-        px, py = x + cx, y + cy
+        px, py = (x + cx) * side / big, (y + cy) * side / big
         if 0 <= px < side and 0 <= py < side:
             token = int(py // PATCH_PX) * g + int(px // PATCH_PX)
             _mark(targets, token, name)
@@ -990,7 +1034,10 @@ def pretrain_reading(
     sides = range(2 * PATCH_PX, recipe.read_side_max + 1, PATCH_PX)
     for step in bar:
         side = rng.choice(sides)
-        drills = [reading_drill(rng, side) for _ in range(recipe.read_batch_size)]
+        drills = [
+            reading_drill(rng, side, _zoom(rng, recipe.zoom_frac, recipe.zoom_max))
+            for _ in range(recipe.read_batch_size)
+        ]
         prepared = [builder.engine._preprocess(image, builder.min_pixels, builder.max_pixels) for image, _ in drills]
         targets = torch.cat([t for _, t in drills])
         batch = {
