@@ -59,6 +59,7 @@ MICRO = BaseRecipe(
     drill_batch_size=2,
     crop_steps=2,
     mixed_steps=2,
+    ground_steps=2,
     batch_size=2,
     mixed_batch_size=3,
     pool_size=3,
@@ -460,6 +461,7 @@ def test_train_base_writes_a_loadable_qzoom_checkpoint(micro_dir):
     # The branches start as copies of the layers above K (Stages 1 and 3 train them).
     assert torch.equal(lm.twig_layers[0].mlp.up_proj.weight, lm.layers[MICRO.twig_k].mlp.up_proj.weight)
     assert engine.model.config.qzoom_base_recipe["crop_steps"] == MICRO.crop_steps
+    assert engine.model.config.qzoom_base_recipe["ground_steps"] == MICRO.ground_steps
 
 
 def test_eval_demo_measures_every_configuration_on_the_same_items(micro_dir):

@@ -164,6 +164,17 @@ class BaseRecipe:
     scene_batch_size: int = 6
     scene_min_side: int = 448
     scene_max_side: int = 1344
+    # Ground: the last phase, coarse views at the benchmark's canvas sizes, `ground_detail_frac` of them detail
+    # questions, with the grounding loss at `ground_phase_weight` and the answer loss at `ground_answer_weight` (the
+    # plate can be found there by its colour or quadrant, not read). Why: the earlier phases teach the grounding
+    # heads mostly on crops and fused sequences, where the answer is in sight; in the coarse view (what Stage 1
+    # distils) the taught heads put 0.21 of their image attention on the named plate's cells after them, and more
+    # on the other plates; 300 steps of this phase (lr 5e-4, batch 8) raised it to 0.40 (README "The demo model").
+    ground_steps: int = 300
+    ground_lr: float = 5e-4
+    ground_detail_frac: float = 0.75
+    ground_phase_weight: float = 1.0
+    ground_answer_weight: float = 0.3
     # Downscaled details: a share `zoom_frac` of the reading drills and the crops is drawn up to `zoom_max` times
     # larger and resized down to its side. Why: a plate's card is 1.6 coarse cells a side (evals.synthetic), so the
     # SD-RPN's box on a large canvas spans 2-4 cells, up to 1000 px, which the processor resizes to the 448 px budget.
@@ -755,7 +766,8 @@ def train_base(
     probe = GroundingProbe(engine, recipe.ground_heads) if recipe.ground_weight > 0 else None
     optimizer = torch.optim.AdamW([*params, *reader.parameters()], lr=recipe.lr, weight_decay=recipe.weight_decay)
     drills = recipe.drill_steps
-    total = drills + recipe.crop_steps + recipe.mixed_steps
+    mixed_end = drills + recipe.crop_steps + recipe.mixed_steps
+    total = mixed_end + recipe.ground_steps
     pad_id = engine.pad_id
     started = time.perf_counter()
     ema: float | None = None
@@ -776,8 +788,16 @@ def train_base(
             )
         )
     for step in bar:
-        phase = "drills" if step < drills else "crops" if step < drills + recipe.crop_steps else "mixed"
-        if checks and step in (drills, drills + recipe.crop_steps) and step > 0:
+        phase = (
+            "drills"
+            if step < drills
+            else "crops"
+            if step < drills + recipe.crop_steps
+            else "mixed"
+            if step < mixed_end
+            else "ground"
+        )
+        if checks and step in (drills, drills + recipe.crop_steps, mixed_end) and step > 0:
             _log_checks(engine, checks, log, f"before {phase}", scene_checks)
         if phase == "drills":
             examples = [
@@ -786,6 +806,15 @@ def train_base(
                     answer_drill(rng, recipe.drill_pair_frac) for _ in range(recipe.drill_batch_size)
                 )
             ]
+        elif phase == "ground":
+            for pool in (pools["detail"], pools["coarse"]):
+                pool.refresh(recipe.refresh)
+            examples = [
+                builder.coarse(
+                    rng.choice(pools["detail" if rng.random() < recipe.ground_detail_frac else "coarse"].items)
+                )
+                for _ in range(recipe.mixed_batch_size)
+            ]
         else:
             for pool in pools.values():
                 pool.refresh(recipe.refresh)
@@ -793,7 +822,11 @@ def train_base(
             examples = _draw_batch(builder, pools, rng, recipe, phase == "mixed", singles_only)
         batch = collate(examples, pad_id)
         for group in optimizer.param_groups:
-            group["lr"] = _lr_at(step, total, recipe)
+            group["lr"] = (
+                _lr_at(step - mixed_end, recipe.ground_steps, recipe, peak=recipe.ground_lr)
+                if phase == "ground"
+                else _lr_at(step, mixed_end, recipe)
+            )
         # Explicitly on: a caller (or a test before this one) may have turned autograd off process-wide.
         if probe is not None:
             probe.scores.clear()  # the checks between phases ran forwards too
@@ -805,7 +838,12 @@ def train_base(
             )
         merged.clear()
         optimizer.zero_grad(set_to_none=True)
-        (loss + read_weight * read_loss + recipe.ground_weight * ground_loss).backward()
+        answer_weight, ground_weight = (
+            (recipe.ground_answer_weight, recipe.ground_phase_weight)
+            if phase == "ground"
+            else (1.0, recipe.ground_weight)
+        )
+        (answer_weight * loss + read_weight * read_loss + ground_weight * ground_loss).backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         value = loss.item()
