@@ -25,6 +25,8 @@ Contract:
   share of the steps are whole views: *scenes* (detail items on small canvases, seen whole 1-3x below native
   scale, several plates in view, so the question's colour or position word has to pick the plate) and coarse
   views of the coarse families; scenes are what teach the model to look at the named plate, which Stage 1 distils.
+  The last phase, *ground*, shows coarse views at the benchmark's canvas sizes, mostly of detail questions, with the
+  grounding loss weighted up and the answer loss down: the view Stage 1 mines its labels on.
   The loss is on the answer tokens and ``<|im_end|>`` only. Seeded: the same recipe gives the same weights as far
   as torch's CPU kernels are deterministic.
 * :func:`view_accuracy` is the quick teacher-forced check used between phases: greedy decoding reproduces the answer
@@ -768,6 +770,7 @@ def train_base(
     drills = recipe.drill_steps
     mixed_end = drills + recipe.crop_steps + recipe.mixed_steps
     total = mixed_end + recipe.ground_steps
+    phase_ends = (("drills", drills), ("crops", drills + recipe.crop_steps), ("mixed", mixed_end), ("ground", total))
     pad_id = engine.pad_id
     started = time.perf_counter()
     ema: float | None = None
@@ -788,16 +791,8 @@ def train_base(
             )
         )
     for step in bar:
-        phase = (
-            "drills"
-            if step < drills
-            else "crops"
-            if step < drills + recipe.crop_steps
-            else "mixed"
-            if step < mixed_end
-            else "ground"
-        )
-        if checks and step in (drills, drills + recipe.crop_steps, mixed_end) and step > 0:
+        phase = next(name for name, end in phase_ends if step < end)
+        if checks and step in [end for _, end in phase_ends[:-1]] and step > 0:
             _log_checks(engine, checks, log, f"before {phase}", scene_checks)
         if phase == "drills":
             examples = [
