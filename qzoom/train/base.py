@@ -765,7 +765,9 @@ def train_base(
     # The stock forward computes the merged image tokens internally; the hook hands them to the reading loss.
     merged: list[torch.Tensor] = []
     hook = model.model.visual.register_forward_hook(lambda _m, _i, out: merged.append(out.pooler_output))
-    probe = GroundingProbe(engine, recipe.ground_heads) if recipe.ground_weight > 0 else None
+    # The heads are probed when either grounding weight is on: the ride-along one, or the ground phase's own.
+    grounds = recipe.ground_weight > 0 or (recipe.ground_steps > 0 and recipe.ground_phase_weight > 0)
+    probe = GroundingProbe(engine, recipe.ground_heads) if grounds else None
     optimizer = torch.optim.AdamW([*params, *reader.parameters()], lr=recipe.lr, weight_decay=recipe.weight_decay)
     drills = recipe.drill_steps
     mixed_end = drills + recipe.crop_steps + recipe.mixed_steps
