@@ -16,7 +16,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, NoReturn
+from typing import TYPE_CHECKING, Annotated, Any, Literal, NoReturn
 
 import typer
 
@@ -503,8 +503,19 @@ def train_stage3_cmd(
     data: TrainData = None,
     synthetic: TrainSynthetic = None,
     ladder: Annotated[str, typer.Option(help="token budgets, ascending, comma-separated")] = "64,128,256,576,1024",
+    signal: Annotated[
+        Literal["consistency", "prediction_vs_gt"],
+        typer.Option(help="labels: consistency over the ladder (paper) or the low-budget answer vs GT (ablation)"),
+    ] = "consistency",
+    pool: Annotated[
+        Literal["matched", "all"],
+        typer.Option(help="prediction_vs_gt: as many ladders as the consistency filter keeps (reference), or all"),
+    ] = "matched",
     p_refine: Annotated[float, typer.Option(help="P(draw a 'needs zoom' step) on a transition")] = 0.9,
     max_samples: Annotated[int, typer.Option(min=1, help="ladders kept after filtering")] = 20000,
+    high_res_thresh: Annotated[
+        float | None, typer.Option(min=0.0, max=1.0, help="gate threshold to write into OUT (default: keep)")
+    ] = None,
     high_res_k: Annotated[int | None, typer.Option("--high-res-k", min=1, help="gate branch point (new gate)")] = None,
     high_res_t: Annotated[int | None, typer.Option("--high-res-t", min=1, help="gate depth (new gate)")] = None,
     data_seed: TrainDataSeed = 0,
@@ -535,7 +546,8 @@ def train_stage3_cmd(
         return train_stage3(model, items, out, config)
 
     _train_run(
-        "stage 3", Stage3Config, build, ladder=budgets, p_refine=p_refine, max_samples=max_samples,
+        "stage 3", Stage3Config, build, ladder=budgets, signal=signal, pool=pool, p_refine=p_refine,
+        max_samples=max_samples, high_res_thresh=high_res_thresh,
         high_res_K=high_res_k, high_res_T=high_res_t, lr=lr, batch_size=batch_size, epochs=epochs,
         max_steps=max_steps, seed=seed, save_every=save_every, device=device, dtype=dtype,
         max_new_tokens=max_new_tokens, mine_batch_size=mine_batch_size,

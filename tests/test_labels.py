@@ -29,6 +29,7 @@ from qzoom.train.labels import (
     normalize_answer,
     padding_cells,
     parse_judge_reply,
+    prediction_vs_gt_label,
     select_heads_by_localisation,
     stage1_labels,
 )
@@ -482,6 +483,32 @@ def test_gate_label_two_or_fewer_budgets_all_correct_is_ignored_not_a_crash(res)
     assert set(_draws(ladder(["bird", "cat"], res=[256, 512]), n=50)) == {(256, IGNORE_INDEX)}
     counts = _draws(ladder(["bird", "cat", "cat"], res=[128, 256, 512]), n=2000)
     assert set(counts) == {(128, 1), (128, IGNORE_INDEX)}
+
+
+def test_prediction_vs_gt_labels_the_drawn_budget_by_its_own_answer():
+    # Right at 64, wrong at 128 and 256; the top two (512, 1024) are never drawn and their answers never read, so
+    # an unstable top (the consistency rules would drop this ladder) does not matter.
+    s = ladder(["The cat.", "dog", "", "cat", "bird"])
+    counts = Counter(prediction_vs_gt_label(s, random.Random(seed)) for seed in range(3000))
+    assert set(counts) == {(64, 0), (128, 1), (256, 1)}  # an empty answer is wrong, never a substring match
+    assert min(counts.values()) > 850  # uniform over the three
+    # The answers above the drawn budgets may be absent (they are not computed for pool="all").
+    short = LadderSample(res=BUDGETS, answers=["cat", "cats", "bird"], gt="Cat")
+    assert {prediction_vs_gt_label(short, random.Random(i)) for i in range(200)} == {(64, 0), (128, 0), (256, 1)}
+
+
+@pytest.mark.parametrize("res", [[256], [256, 512]])
+def test_prediction_vs_gt_short_ladder_draws_the_lowest(res):
+    # The reference draws from range(max(len(res) - 2, 1)): the lowest budget alone.
+    assert prediction_vs_gt_label(ladder(["dog"] * len(res), res=res), random.Random(0)) == (256, 1)
+
+
+def test_prediction_vs_gt_follows_the_reference_rng():
+    s = ladder(["cat", "dog", "cat", "cat", "cat"])
+    ref, mine = random.Random(5), random.Random(5)
+    for _ in range(100):
+        i = ref.choice(range(3))
+        assert prediction_vs_gt_label(s, mine) == (BUDGETS[i], int(i == 1))
 
 
 def test_gate_label_is_reproducible_and_follows_reference_rng_order():

@@ -319,6 +319,37 @@ def test_gate_examples_follow_the_ladder_rules():
     assert sorted(examples) == [[0, 64, 1], [1, 64, 0]] or sorted(examples) == [[0, 64, 1], [1, 128, 0]]
 
 
+def test_gate_examples_prediction_vs_gt_pools():
+    res = [64, 128, 256, 512]
+    records = [
+        {"index": 0, "res": res, "answers": ["no", "k7x", "k7x", "k7x"], "gt": "K7X"},  # transition
+        {"index": 1, "res": res, "answers": ["red", "red", "red", "red"], "gt": "red"},  # easy
+        {"index": 2, "res": res, "answers": ["a", "b", "c", "d"], "gt": "d"},  # unstable
+        {"index": 3, "res": res, "answers": ["x", "x", "x", "x"], "gt": "y"},  # hallucinated
+    ]
+    # pool="all": every ladder, each labelled by its own answer at a budget below the top two.
+    examples, counts = gate_examples(records, Stage3Config(signal="prediction_vs_gt", pool="all"))
+    assert sorted(e[0] for e in examples) == [0, 1, 2, 3] and counts["kept"] == 4
+    by_item = {e[0]: e for e in examples}
+    assert by_item[1][2] == 0 and by_item[3][2] == 1  # right at every budget / wrong at every budget
+    assert by_item[0][2] == (1 if by_item[0][1] == 64 else 0)
+    assert all(e[1] in (64, 128) for e in examples)
+    assert "unstable" not in counts  # the consistency filter did not run
+    # pool="matched": as many ladders as the consistency filter keeps (1 transition + 1 easy), drawn from all four.
+    examples, counts = gate_examples(records, Stage3Config(signal="prediction_vs_gt", pool="matched"))
+    assert len(examples) == 2 and counts["transition"] == 1 and counts["unstable"] == 1
+    assert len({e[0] for e in examples}) == 2
+
+
+def test_prediction_vs_gt_on_all_ladders_skips_the_top_budgets():
+    from qzoom.train.stage3 import answered_budgets
+
+    ladder = [64, 128, 256, 576, 1024]
+    assert answered_budgets(Stage3Config(ladder=ladder)) == ladder
+    assert answered_budgets(Stage3Config(ladder=ladder, signal="prediction_vs_gt")) == ladder  # matched needs them
+    assert answered_budgets(Stage3Config(ladder=ladder, signal="prediction_vs_gt", pool="all")) == [64, 128, 256]
+
+
 def test_stage3_attaches_and_trains_only_the_gate(tmp_path):
     # A Stage-1-like model without a gate, on square 256 px canvases: the two top budgets (101 and 110 tokens) both
     # resize to the same 11x11 grid, so they agree and every ladder is stable; the reference answer is the model's
@@ -355,7 +386,28 @@ def test_stage3_attaches_and_trains_only_the_gate(tmp_path):
     )
     trained = QZoomEngine.from_pretrained(out)
     assert trained.has_gate
+    assert trained.settings.high_res_thresh == 0.1  # the official default: this config sets none
     assert len(answers(out, pool[:2])) == 2
+
+
+def test_stage3_prediction_vs_gt_writes_its_threshold(tmp_path):
+    torch.manual_seed(0)
+    config_hf = enable_qzoom(tiny_qwen25vl_config(build_tokenizer()), twig_K=2, twig_T=2, enable_high_res=False)
+    model = QZoomQwen2_5_VLForConditionalGeneration(config_hf)
+    model.init_branches_from_backbone()
+    processor = build_processor(build_tokenizer(), min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS)
+    base = save_checkpoint(model, processor, tmp_path / "base")
+    pool = SyntheticItems(4, min_side=256, max_side=256)
+    config = Stage3Config(
+        ladder=[4, 9, 101, 110], signal="prediction_vs_gt", pool="all", high_res_thresh=0.5, max_new_tokens=2,
+        batch_size=2, max_steps=2, lr=1e-3, progress=False,
+    )  # fmt: skip
+    out = train_stage3(base, pool, tmp_path / "out", config)
+    records = [json.loads(line) for line in (out / "trainer" / "stage3_ladders.jsonl").read_text().splitlines()]
+    assert len(records) == 4 and all(len(r["answers"]) == 2 and r["res"] == [4, 9, 101, 110] for r in records)
+    summary = json.loads((out / "trainer" / "state.json").read_text())["summary"]
+    assert summary["examples"] == 4  # a random model answers wrong: every label is 1, none is dropped
+    assert QZoomEngine.from_pretrained(out).settings.high_res_thresh == 0.5
 
 
 # -- the commands ------------------------------------------------------------------------------------------------------
@@ -420,6 +472,19 @@ def test_train_commands_end_to_end(base_dir, items, tmp_path):
 )
 def test_train_command_errors_name_the_problem(base_dir, tmp_path, args, message):
     result = CliRunner().invoke(app, ["train", "stage1", str(base_dir), str(tmp_path / "o"), *args])
+    assert result.exit_code == 2 and message in result.output
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--signal", "majority"], "consistency"),  # the accepted values are named
+        (["--pool", "half"], "matched"),
+        (["--high-res-thresh", "1.5"], "high-res-thresh"),
+    ],
+)
+def test_stage3_option_errors_name_the_accepted_values(base_dir, tmp_path, args, message):
+    result = CliRunner().invoke(app, ["train", "stage3", str(base_dir), str(tmp_path / "o"), "--synthetic", "2", *args])
     assert result.exit_code == 2 and message in result.output
 
 

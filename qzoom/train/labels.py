@@ -19,7 +19,8 @@ Stage 1, pseudo-labels (§2.2)
 Stage 3, gate labels (§5.2)
     :func:`filter_pool` is ``_filter_for_hard_cases`` (``DQ:1039-1094``) and :func:`gate_step_label` is
     ``create_high_res_signal`` (``DQ:1175-1253``), both driven by an explicit :class:`random.Random` so runs are
-    reproducible (the reference uses the unseeded global RNG).
+    reproducible (the reference uses the unseeded global RNG); :func:`prediction_vs_gt_label` is the reference's
+    ablation strategy (``DQ:1142-1173``), the label from the answer at a low budget against GT.
 
 Stage 2, regression mining (§6)
     :data:`JUDGE_PROMPT` (our wording of the LLM-judge criteria), :func:`parse_judge_reply`, :func:`is_regression`.
@@ -717,6 +718,25 @@ def gate_step_label(
     if len(a.correct) > TOP_GROUP:
         return res[rng.choice(a.correct[:-TOP_GROUP])], 0
     return ignore
+
+
+def prediction_vs_gt_label(sample: Ladder, rng: random.Random) -> tuple[int, int]:
+    """One gate example by the reference's ablation strategy ``high_res_signal_strategy=prediction_vs_gt``
+    (``_create_high_res_signal_prediction_vs_gt``, ``DQ:1142-1173``; spec §5.2): ``(budget, label)`` with the budget
+    drawn by ``rng.choice`` below the top two (the lowest alone on a ladder of at most two), and label 0 when the
+    model's answer there matches GT (both :func:`normalize_answer`-ed, a substring either way, neither empty), else 1.
+
+    Unlike :func:`gate_step_label` it needs no consensus of the top budgets: the label says whether *this* view was
+    enough, judged against the annotation. Only the answers below the top two are read (the others may be ``None``).
+    """
+    res = list(sample.res)
+    if not res:
+        return 0, IGNORE_INDEX
+    index = rng.choice(range(max(len(res) - TOP_GROUP, 1)))
+    pred = normalize_answer(sample.answers[index] or "")
+    gt = normalize_answer(sample.gt)
+    match = bool(pred and gt) and _contains_either(pred, gt)
+    return res[index], 0 if match else 1
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -6,11 +6,19 @@ Contract of :func:`train_stage3`:
 1. **Ladder.** The frozen input model (a Stage-2, or Stage-1, checkpoint) answers every item on the coarse view
    alone at each budget of ``config.ladder`` (merged tokens, ascending; the view is resized to exactly that budget:
    ``min_pixels = max_pixels = budget * 28²``, as the reference re-processes it).
-2. **Labels** (:mod:`qzoom.train.labels`): :func:`~qzoom.train.labels.filter_pool` keeps the monotone transition
-   ladders plus as many all-correct ones (seeded), :func:`~qzoom.train.labels.cap_pool` caps the pool
-   (``max_samples``, shuffle seed 42), and :func:`~qzoom.train.labels.gate_step_label` draws one ``(budget, label)``
-   per ladder from ``random.Random(seed)``: 1 = needs zooming at that budget, 0 = the coarse view is enough;
-   ignored draws are dropped.
+2. **Labels** (:mod:`qzoom.train.labels`), by ``config.signal``:
+
+   * ``consistency`` (the paper): :func:`~qzoom.train.labels.filter_pool` keeps the monotone transition ladders plus
+     as many all-correct ones (seeded), :func:`~qzoom.train.labels.cap_pool` caps the pool (``max_samples``, shuffle
+     seed 42), and :func:`~qzoom.train.labels.gate_step_label` draws one ``(budget, label)`` per ladder from
+     ``random.Random(seed)``: 1 = needs zooming at that budget, 0 = the coarse view is enough; ignored draws are
+     dropped.
+   * ``prediction_vs_gt`` (the reference's ablation, ``DQ:1142-1173``): one budget below the top two per ladder,
+     labelled by :func:`~qzoom.train.labels.prediction_vs_gt_label` (is the answer there right?). ``pool="matched"``
+     takes as many ladders, drawn with ``random.Random(42)``, as the consistency filter would keep (the reference);
+     ``pool="all"`` takes every ladder, and the top two budgets are then never answered (no label reads them). This
+     suits a model whose answers above its training budgets are noise: the consistency filter finds its top two
+     budgets in disagreement on most ladders and keeps almost nothing (the demo model, README "The demo model").
 3. **Training.** At the drawn budget the frozen layers below the branch point give the last prompt token's
    hidden state route; the gate layers run on it with gradients and ``high_res_head`` gives a logit (the same
    computation as ``engine.gate``: last prompt token, no final norm). BCE with the label.
@@ -24,7 +32,7 @@ import itertools
 import random
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -46,7 +54,16 @@ from qzoom.train.common import (
     new_states,
     unfreeze,
 )
-from qzoom.train.labels import IGNORE_INDEX, LadderKind, LadderSample, cap_pool, filter_pool, gate_step_label
+from qzoom.train.labels import (
+    IGNORE_INDEX,
+    TOP_GROUP,
+    LadderKind,
+    LadderSample,
+    cap_pool,
+    filter_pool,
+    gate_step_label,
+    prediction_vs_gt_label,
+)
 
 LADDER_FILE = "stage3_ladders.jsonl"
 EXAMPLES_FILE = "stage3_examples.json"
@@ -59,9 +76,18 @@ class Stage3Config(TrainConfig):
     ladder: list[int] = Field(
         default_factory=lambda: [64, 128, 256, 576, 1024], description="token budgets, ascending, at least 3"
     )
+    signal: Literal["consistency", "prediction_vs_gt"] = Field(
+        "consistency", description="gate labels: consistency over the ladder (paper) or the answer vs GT (ablation)"
+    )
+    pool: Literal["matched", "all"] = Field(
+        "matched", description="prediction_vs_gt: as many ladders as the consistency filter keeps (reference), or all"
+    )
     p_refine: float = Field(0.9, ge=0, le=1, description="probability of drawing a 'needs zoom' step on a transition")
     max_samples: int | None = Field(20000, ge=1, description="ladders kept after filtering (None: all)")
     strip_gt_punctuation: bool = False
+    high_res_thresh: float | None = Field(
+        None, gt=0, lt=1, description="gate decision threshold written into the checkpoint (None: keep the model's)"
+    )
     high_res_K: int | None = Field(None, ge=1, description="gate branch point for a model without a gate (twig_K)")
     high_res_T: int | None = Field(None, ge=1, description="gate depth for a model without a gate (twig_T)")
 
@@ -76,10 +102,19 @@ class Stage3Config(TrainConfig):
         return value
 
 
+def answered_budgets(config: Stage3Config) -> list[int]:
+    """The ladder budgets whose answers some label reads: all, except the top two for ``prediction_vs_gt`` on
+    ``pool="all"``."""
+    if config.signal == "prediction_vs_gt" and config.pool == "all":
+        return config.ladder[: max(len(config.ladder) - TOP_GROUP, 1)]
+    return list(config.ladder)
+
+
 def ladder_records(engine: QZoomEngine, items: Sequence[TrainItem], config: Stage3Config) -> list[dict[str, Any]]:
-    """Per item: the model's coarse answer at each ladder budget."""
+    """Per item: the model's coarse answer at each budget of :func:`answered_budgets` (``answers`` may be shorter
+    than ``res``, the full ladder)."""
     answers: list[list[str]] = [[] for _ in items]
-    for budget in config.ladder:
+    for budget in answered_budgets(config):
         pixels = budget * PIXELS_PER_TOKEN
         options = config.options(min_pixels=pixels, max_pixels=pixels)
         for per_item, answer in zip(answers, answer_batch(engine, items, options), strict=True):
@@ -96,17 +131,30 @@ def gate_examples(records: Sequence[dict[str, Any]], config: Stage3Config) -> tu
         LadderSample(res=list(r["res"]), answers=list(r["answers"]), gt=str(r["gt"]), payload=int(r["index"]))
         for r in records
     ]
-    pool = filter_pool(ladders, seed=config.seed, strip_gt_punctuation=config.strip_gt_punctuation)
-    kept = cap_pool(pool.kept, config.max_samples)
+    counts: dict[str, int] = {}
+    if config.signal == "consistency" or config.pool == "matched":
+        pool = filter_pool(ladders, seed=config.seed, strip_gt_punctuation=config.strip_gt_punctuation)
+        counts = {str(kind): pool.counts[kind] for kind in LadderKind}
     rng = random.Random(config.seed)
     examples = []
-    for sample in kept:
-        budget, label = gate_step_label(
-            sample, rng, p_refine=config.p_refine, strip_gt_punctuation=config.strip_gt_punctuation
-        )
-        if label != IGNORE_INDEX:
+    if config.signal == "consistency":
+        kept = cap_pool(pool.kept, config.max_samples)
+        for sample in kept:
+            budget, label = gate_step_label(
+                sample, rng, p_refine=config.p_refine, strip_gt_punctuation=config.strip_gt_punctuation
+            )
+            if label != IGNORE_INDEX:
+                examples.append([int(sample.payload), budget, label])
+    else:
+        chosen = ladders
+        if config.pool == "matched" and len(pool.kept) < len(ladders):
+            # As the reference's dataset does for this strategy: a random.Random(42) sample of the raw ladders, as many
+            # as the hard-case pool holds.
+            chosen = [ladders[i] for i in random.Random(42).sample(range(len(ladders)), len(pool.kept))]
+        kept = cap_pool(chosen, config.max_samples)
+        for sample in kept:
+            budget, label = prediction_vs_gt_label(sample, rng)
             examples.append([int(sample.payload), budget, label])
-    counts = {str(kind): pool.counts[kind] for kind in LadderKind}
     counts.update(kept=len(kept), examples=len(examples), positives=sum(e[2] == 1 for e in examples))
     return examples, counts
 
@@ -192,5 +240,9 @@ def train_stage3(
         config,
         desc="stage 3 (gate)",
     )
+    if config.high_res_thresh is not None:
+        # What the gate's probability means depends on its labels (a consistency transition vs a wrong answer), so
+        # the stage that trains it may set the threshold it is read at.
+        model.config.high_res_thresh = config.high_res_thresh
     summary = {**counts, "steps": result.steps, "last_loss": result.last_loss, "lr": config.lr}
     return run.finish(model, processor, summary)
