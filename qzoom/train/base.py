@@ -25,8 +25,8 @@ Contract:
   share of the steps are whole views: *scenes* (detail items on small canvases, seen whole 1-3x below native
   scale, several plates in view, so the question's colour or position word has to pick the plate) and coarse
   views of the coarse families; scenes are what teach the model to look at the named plate, which Stage 1 distils.
-  The last phase, *ground*, shows coarse views at the benchmark's canvas sizes, mostly of detail questions, with the
-  grounding loss weighted up and the answer loss down: the view Stage 1 mines its labels on.
+  The last phase, *ground*, shows coarse views at the benchmark's canvas sizes, detail questions and the coarse
+  families', with the grounding loss weighted up and the answer loss down: the view Stage 1 mines its labels on.
   The loss is on the answer tokens and ``<|im_end|>`` only. Seeded: the same recipe gives the same weights as far
   as torch's CPU kernels are deterministic.
 * :func:`view_accuracy` is the quick teacher-forced check used between phases: greedy decoding reproduces the answer

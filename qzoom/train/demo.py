@@ -8,7 +8,8 @@ checkpoint directory under ``work_dir``:
 2. ``stage1``: :func:`qzoom.train.stage1.train_stage1`, the SD-RPN distilled from the base model's own
    answer->image attention on the coarse view (heads picked on calibration items with boxes).
 3. ``stage2``: :func:`qzoom.train.stage2.train_stage2`, targeted post-SFT on the samples that zooming regressed.
-4. ``stage3``: :func:`qzoom.train.stage3.train_stage3`, the gate, on consistency-filtered coarse-vs-zoom labels.
+4. ``stage3``: :func:`qzoom.train.stage3.train_stage3`, the gate, on labels of whether the coarse answer at a low
+   budget is right (``signal="prediction_vs_gt"``; see :class:`DemoRecipe` for why not the consistency filter).
 
 The last checkpoint is copied to ``out`` with a ``training.json`` (recipe, item ranges, seconds per step); every
 step is seeded, the stages are resumable (rerunning continues where it stopped). All items come from the train

@@ -720,6 +720,12 @@ def gate_step_label(
     return ignore
 
 
+def prediction_vs_gt_range(n_budgets: int) -> int:
+    """How many of a ladder's lowest budgets :func:`prediction_vs_gt_label` draws from: all but the top two, and at
+    least the lowest (``range(max(len(resolutions) - 2, 1))`` in the reference)."""
+    return max(n_budgets - TOP_GROUP, 1)
+
+
 def prediction_vs_gt_label(sample: Ladder, rng: random.Random) -> tuple[int, int]:
     """One gate example by the reference's ablation strategy ``high_res_signal_strategy=prediction_vs_gt``
     (``_create_high_res_signal_prediction_vs_gt``, ``DQ:1142-1173``; spec §5.2): ``(budget, label)`` with the budget
@@ -732,7 +738,7 @@ def prediction_vs_gt_label(sample: Ladder, rng: random.Random) -> tuple[int, int
     res = list(sample.res)
     if not res:
         return 0, IGNORE_INDEX
-    index = rng.choice(range(max(len(res) - TOP_GROUP, 1)))
+    index = rng.choice(range(prediction_vs_gt_range(len(res))))
     pred = normalize_answer(sample.answers[index] or "")
     gt = normalize_answer(sample.gt)
     match = bool(pred and gt) and _contains_either(pred, gt)

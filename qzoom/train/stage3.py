@@ -56,13 +56,13 @@ from qzoom.train.common import (
 )
 from qzoom.train.labels import (
     IGNORE_INDEX,
-    TOP_GROUP,
     LadderKind,
     LadderSample,
     cap_pool,
     filter_pool,
     gate_step_label,
     prediction_vs_gt_label,
+    prediction_vs_gt_range,
 )
 
 LADDER_FILE = "stage3_ladders.jsonl"
@@ -106,7 +106,7 @@ def answered_budgets(config: Stage3Config) -> list[int]:
     """The ladder budgets whose answers some label reads: all, except the top two for ``prediction_vs_gt`` on
     ``pool="all"``."""
     if config.signal == "prediction_vs_gt" and config.pool == "all":
-        return config.ladder[: max(len(config.ladder) - TOP_GROUP, 1)]
+        return config.ladder[: prediction_vs_gt_range(len(config.ladder))]
     return list(config.ladder)
 
 
@@ -132,28 +132,27 @@ def gate_examples(records: Sequence[dict[str, Any]], config: Stage3Config) -> tu
         for r in records
     ]
     counts: dict[str, int] = {}
+    chosen = ladders  # prediction_vs_gt on pool="all": every ladder, the consistency filter never runs
     if config.signal == "consistency" or config.pool == "matched":
         pool = filter_pool(ladders, seed=config.seed, strip_gt_punctuation=config.strip_gt_punctuation)
         counts = {str(kind): pool.counts[kind] for kind in LadderKind}
+        if config.signal == "consistency":
+            chosen = pool.kept
+        elif len(pool.kept) < len(ladders):
+            # As the reference's dataset does for prediction_vs_gt: a random.Random(42) sample of the raw ladders, as
+            # many as the hard-case pool holds.
+            chosen = [ladders[i] for i in random.Random(42).sample(range(len(ladders)), len(pool.kept))]
+    kept = cap_pool(chosen, config.max_samples)
     rng = random.Random(config.seed)
     examples = []
-    if config.signal == "consistency":
-        kept = cap_pool(pool.kept, config.max_samples)
-        for sample in kept:
+    for sample in kept:
+        if config.signal == "consistency":
             budget, label = gate_step_label(
                 sample, rng, p_refine=config.p_refine, strip_gt_punctuation=config.strip_gt_punctuation
             )
-            if label != IGNORE_INDEX:
-                examples.append([int(sample.payload), budget, label])
-    else:
-        chosen = ladders
-        if config.pool == "matched" and len(pool.kept) < len(ladders):
-            # As the reference's dataset does for this strategy: a random.Random(42) sample of the raw ladders, as many
-            # as the hard-case pool holds.
-            chosen = [ladders[i] for i in random.Random(42).sample(range(len(ladders)), len(pool.kept))]
-        kept = cap_pool(chosen, config.max_samples)
-        for sample in kept:
+        else:
             budget, label = prediction_vs_gt_label(sample, rng)
+        if label != IGNORE_INDEX:
             examples.append([int(sample.payload), budget, label])
     counts.update(kept=len(kept), examples=len(examples), positives=sum(e[2] == 1 for e in examples))
     return examples, counts
