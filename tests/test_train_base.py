@@ -36,6 +36,7 @@ from qzoom.train.base import (
     ItemPool,
     _draw_batch,
     _grid_box_around,
+    _ground_phase_batch,
     _grounding_loss,
     _reading_loss,
     answer_drill,
@@ -304,6 +305,30 @@ def test_whole_view_batches_show_small_scenes_whole_and_coarse_families_at_the_b
     singles = _draw_batch(builder, pools, random.Random(3), recipe, mixed=False, singles_only=True)
     assert len(singles) == recipe.batch_size and {e.view for e in singles} == {"crop"}
     assert {e.family for e in singles} <= {"letter", "shape"}
+
+
+def test_ground_phase_mixes_its_coarse_views_with_reading_batches():
+    # Its own batches (ground loss weights): coarse views of detail and coarse questions, the detail targets marked.
+    # The rest: mixed-phase batches, whose crops and fused sequences keep the model reading.
+    recipe = dataclasses.replace(MICRO, scene_frac=0.0, mixed_batch_size=12, pool_size=4, mix_crop=0.5, mix_fused=0.5)
+    model, processor = build_demo_model(recipe)
+    builder = ExampleBuilder(QZoomEngine(model, processor), recipe.min_pixels, recipe.max_pixels)
+    pools = {
+        "detail": ItemPool(recipe, ("letter",), 0, "detail", progress=False),
+        "coarse": ItemPool(recipe, ("colour", "count"), 100, "coarse", progress=False),
+    }
+    own = dataclasses.replace(recipe, ground_mixed_frac=0.0)
+    batch, is_own = _ground_phase_batch(builder, pools, random.Random(1), own)
+    assert is_own and len(batch) == 12 and {e.view for e in batch} == {"coarse"}
+    assert {e.family for e in batch} == {"letter", "colour", "count"}
+    assert all((e.target is not None) == (e.family == "letter") for e in batch)
+    mixed = dataclasses.replace(recipe, ground_mixed_frac=1.0)
+    batch, is_own = _ground_phase_batch(builder, pools, random.Random(1), mixed)
+    assert not is_own and {e.view for e in batch} == {"crop", "fused"}
+    rng = random.Random(2)
+    half = dataclasses.replace(recipe, ground_mixed_frac=0.5)
+    owns = [_ground_phase_batch(builder, pools, rng, half)[1] for _ in range(12)]
+    assert 0 < sum(owns) < 12
 
 
 def test_answer_drills_ask_about_one_of_one_or_two_plates_drawn_as_in_a_scene():
