@@ -13,7 +13,15 @@ from typer.testing import CliRunner
 
 from qzoom.cli import app
 from qzoom.engine import QZoomEngine
-from qzoom.evals.demo import TARGETS, DemoReport, RunStats, evaluate_demo, format_report, uncached_engine
+from qzoom.evals.demo import (
+    TARGETS,
+    DemoReport,
+    RunStats,
+    evaluate_demo,
+    format_report,
+    uncached_engine,
+    write_model_card,
+)
 from qzoom.evals.synthetic import (
     ANSWER_VOCAB,
     COLOURS,
@@ -500,6 +508,21 @@ def test_eval_demo_measures_every_configuration_on_the_same_items(micro_dir):
     for target in TARGETS:
         assert target.name in table
     assert "median share of the image" in table
+
+
+def test_model_card_states_the_numbers_the_command_and_the_targets_missed(micro_dir, tmp_path):
+    report = evaluate_demo(uncached_engine(micro_dir), 7, budgets=(384,), chunk=7)
+    model_dir = tmp_path / "card"
+    model_dir.mkdir()
+    (model_dir / "config.json").write_text((micro_dir / "config.json").read_text())
+    card = write_model_card(model_dir, report, items=7, seed=0, budgets=(384,)).read_text()
+    assert "`qzoom eval demo --items 7 --seed 0 --budgets 384`" in card and "`qzoom train demo OUT`" in card
+    assert format_report(report) in card
+    missed = [t.name for t in TARGETS if not t.met(report)]
+    assert missed  # a random micro model meets no accuracy target
+    status = card.split("## Status\n", 1)[1].split("\n## ", 1)[0]
+    assert all(name in status for name in missed)
+    assert not any(t.name in status for t in TARGETS if t.met(report))
 
 
 def test_rpn_box_share_is_the_median_box_area_over_detail_questions():
