@@ -1,0 +1,64 @@
+"""The shipped demo model `qzoom-tiny`: it is there, it is what its card says, and it still does what it did.
+
+A regression guard on the artifact (not a measurement: `qzoom eval demo --items 300 --card` made the numbers in
+`qzoom/models/qzoom-tiny/MODEL_CARD.md`). The same evaluation runs here on the first test items, and each bound sits
+below what the card reports, by more than the sampling noise of this many items. Where the checkpoint misses a target
+of the issue (Q-Zoom detail accuracy >= 85%, gate skip >= 70%) the bound is what it does reach, so that a retrained
+checkpoint that does worse fails here; the card says which targets are missed.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from qzoom.evals.demo import DemoReport, evaluate_demo, uncached_engine
+from qzoom.models import DEMO_MODEL, default_model_dir
+
+ITEMS = 70  # 50 detail questions, 20 coarse ones (the seven families round-robin)
+
+
+@pytest.fixture(scope="module")
+def report() -> DemoReport:
+    torch.set_num_threads(2)
+    return evaluate_demo(uncached_engine(default_model_dir()), ITEMS, budgets=())
+
+
+def test_the_package_ships_the_demo_model_with_its_card():
+    assert default_model_dir() == DEMO_MODEL
+    config = json.loads((DEMO_MODEL / "config.json").read_text())
+    assert config["enable_twig"] and config["enable_high_res"]  # SD-RPN and gate
+    assert config["qzoom_stage1_heads"]["grounding"]  # Stage 1 recorded the heads it distilled from
+    assert "qzoom_base_recipe" in config
+    training = json.loads((DEMO_MODEL / "training.json").read_text())
+    assert training["command"] == "qzoom train demo" and set(training["seconds"]) == {
+        "base",
+        "stage1",
+        "stage2",
+        "stage3",
+    }
+    card = (DEMO_MODEL / "MODEL_CARD.md").read_text()
+    assert "qzoom eval demo --items 300" in card and "## Status" in card
+
+
+def test_the_coarse_view_fails_on_detail_and_answers_coarse_questions(report):
+    assert report.accuracy("coarse@256", "detail") <= 0.40  # the issue's bound: detail is lost at this budget
+    assert report.accuracy("coarse@256", "coarse") >= 0.30  # the card: 51% of colour and count questions
+
+
+def test_the_gate_fires_on_detail_and_skips_some_coarse_right_questions(report):
+    assert report.gate_fire_rate() >= 0.90  # the issue's bound; the card: 100%
+    assert report.gate_skip_rate() >= 0.25  # the card: 48% (the issue asks 70%)
+
+
+def test_the_sd_rpn_box_holds_the_target(report):
+    assert report.rpn_hit_rate() >= 0.80  # the card: 95% (the issue asks 85%), with large boxes
+    assert report.rpn_box_share() < 0.90  # a box, not the whole image
+
+
+def test_zooming_costs_one_view_more_at_most_and_keeps_the_coarse_answers(report):
+    # One zoom step re-encodes one region at the same budget: at most twice the coarse view's tokens.
+    assert sum(report.runs["qzoom@256"].visual_tokens) <= 2 * sum(report.runs["coarse@256"].visual_tokens)
+    assert report.accuracy("qzoom@256", "coarse") >= 0.30  # the card: 51%
