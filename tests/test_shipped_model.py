@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 from qzoom.evals.demo import DemoReport, evaluate_demo, uncached_engine
 from qzoom.models import DEMO_MODEL, default_model_dir
@@ -22,7 +21,6 @@ ITEMS = 70  # 50 detail questions, 20 coarse ones (the seven families round-robi
 
 @pytest.fixture(scope="module")
 def report() -> DemoReport:
-    torch.set_num_threads(2)
     return evaluate_demo(uncached_engine(default_model_dir()), ITEMS, budgets=())
 
 
