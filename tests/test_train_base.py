@@ -35,6 +35,7 @@ from qzoom.evals.synthetic import (
 )
 from qzoom.schemas import AskOptions
 from qzoom.train.base import (
+    COARSE_READ_GROUPS,
     READ_CLASSES,
     READ_GROUPS,
     READ_LOGITS,
@@ -49,6 +50,7 @@ from qzoom.train.base import (
     _reading_loss,
     answer_drill,
     build_demo_model,
+    coarse_reading_targets,
     collate,
     model_inputs,
     pool_item,
@@ -236,6 +238,41 @@ def test_reading_drills_mark_what_they_draw_on_the_token_that_shows_it():
     assert image_a.tobytes() == image_b.tobytes() and torch.equal(targets_a, targets_b)
 
 
+@pytest.mark.parametrize("family", ["letter", "colour", "count"])
+def test_coarse_views_mark_each_token_with_the_colour_and_kind_of_object_under_it(family):
+    recipe = BaseRecipe()
+    item = generate_item("train", 3, seed=0, families=(family,), min_side=896, max_side=4096)
+    p = pool_item(item, recipe.min_pixels, recipe.max_pixels, reach=recipe.crop_max)
+    targets = coarse_reading_targets(p)
+    gh, gw = p.grid_hw
+    assert targets.shape == (gh * gw, len(READ_CLASSES))
+    scene = item.scene
+
+    def token_at(x: float, y: float) -> int:  # canvas pixels -> row-major coarse token
+        return int(y * gh / scene.canvas[1]) * gw + int(x * gw / scene.canvas[0])
+
+    def marks(token: int) -> set[str]:
+        return {READ_CLASSES[c] for c in targets[token].nonzero()[:, 0].tolist()}
+
+    # Each family's scene has the kind of object its question is about: plates, a large region, large frames.
+    assert {"letter": scene.plates, "colour": scene.regions, "count": scene.frames}[family]
+    for plate in scene.plates:
+        x0, y0, x1, y1 = plate.box
+        assert marks(token_at((x0 + x1) / 2, (y0 + y1) / 2)) == {f"on {plate.colour}", "is plate"}
+    for region in scene.regions:
+        x0, y0, x1, y1 = region.box
+        assert marks(token_at((x0 + x1) / 2, (y0 + y1) / 2)) == {f"on {region.colour}", "is region"}
+    for frame in scene.frames:  # a hollow ring: marked along it, not inside
+        x0, y0, x1, y1 = frame.box
+        assert marks(token_at((x0 + x1) / 2, (y0 + y1) / 2)) == set()
+        ring = [t for t in range(gh * gw) if marks(t) == {f"on {frame.colour}", "is frame"}]
+        assert len(ring) >= 4
+    # Only the colour and kind groups are marked (no glyph can be read there), and most of the view is background.
+    glyph_columns = len(READ_GROUPS[0]) + len(READ_GROUPS[1])
+    assert COARSE_READ_GROUPS == (2, 3) and not targets[:, :glyph_columns].any()
+    assert 0 < int(targets.any(-1).sum()) < gh * gw // 2
+
+
 def test_reading_loss_weighs_marked_and_empty_tokens_alike_and_splits_two_glyphs():
     hidden = 8
     reader = torch.nn.Linear(hidden, READ_LOGITS)
@@ -263,8 +300,14 @@ def test_reading_loss_weighs_marked_and_empty_tokens_alike_and_splits_two_glyphs
         reader.bias[colour + 2] = 5.0  # the colour group is the third: its logits are shifted by two "nothing"s
     colour_only = {"reading": marks[:1], "reading_mask": torch.tensor([True])}
     n_colour = len(READ_GROUPS[2]) + 1
-    expected = np.log(z) + np.log(len(READ_GROUPS[1]) + 1) + np.log(np.exp(5.0) + n_colour - 1) - 5.0
+    colour_cost = np.log(np.exp(5.0) + n_colour - 1) - 5.0
+    expected = np.log(z) + np.log(len(READ_GROUPS[1]) + 1) + colour_cost + np.log(len(READ_GROUPS[3]) + 1)
     assert _reading_loss(reader, merged[:1], colour_only).item() == pytest.approx(expected, rel=1e-5)
+    # Scoring only some groups (coarse views mark no glyphs): the other groups cost nothing, marked or not.
+    assert _reading_loss(reader, merged[:1], colour_only, groups=(2,)).item() == pytest.approx(colour_cost, rel=1e-5)
+    assert _reading_loss(reader, merged[:1], colour_only, groups=(2, 3)).item() == pytest.approx(
+        colour_cost + np.log(len(READ_GROUPS[3]) + 1), rel=1e-5
+    )
     # A batch with no labelled token costs nothing.
     none = {"reading": marks, "reading_mask": torch.zeros(5, dtype=torch.bool)}
     assert _reading_loss(reader, merged, none).item() == 0.0

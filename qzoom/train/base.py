@@ -10,7 +10,9 @@ Contract:
 * :func:`train_base` trains it on the benchmark's *train* split with a curriculum and writes an HF checkpoint.
   Phase 0 trains the vision tower alone to read: small :func:`reading_drill` images (one plate detail drawn as on
   a plate, 56-84 px) with a per-token cross-entropy through a linear head that is dropped afterwards (which glyph,
-  shape or pattern each merged token shows, which glyph of a code it is, and the colour of the plate it is on).
+  shape or pattern each merged token shows, which glyph of a code it is, and the colour of the plate it is on); a
+  quarter of its steps are whole coarse views of benchmark items, each token labelled with the colour and kind
+  (plate, large region, large frame) of the object under it, which is how a question's colour word finds its plate.
   With the answer loss alone a from-scratch model of this size sat at the answer priors for 900+ steps (the ViT
   gets its signal only through decoder attention that is itself untrained), and a 14 px-patch ViT needs many
   samples to see a glyph at every offset inside a patch, so cheap samples come first. The tower then stays as
@@ -50,7 +52,7 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw
 from tqdm import tqdm
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import apply_rotary_pos_emb
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
@@ -133,6 +135,11 @@ class BaseRecipe:
     read_batch_size: int = 64
     read_side_max: int = 84  # phase-0 images are 56 or 84 px (see `reading_drill`)
     read_weight: float = 1.0  # only while the tower trains after phase 0 (see `freeze_vision`)
+    # A share `read_coarse_frac` of phase 0's steps are `read_coarse_batch` whole coarse views of pooled benchmark
+    # items instead, each token labelled with the colour and kind of the object it lies on (`coarse_reading_targets`):
+    # the tower learns colours where the question's colour word has to find its plate, not only on native cards.
+    read_coarse_frac: float = 0.25
+    read_coarse_batch: int = 4
     # After phase 0 the vision tower stays as it is: side by side over 400 crop steps from the same phase-0 tower,
     # shapes reached 76% exact match with it frozen and 35% with it trained on the answer loss (which at first
     # pulls the tower's reading apart before the decoder knows where to look).
@@ -305,14 +312,20 @@ def _grid_box_around(
 
 
 # The reading head's classes, in groups that are each a softmax with one more class, "nothing" (see `_reading_loss`):
-# what a token shows (letters are a subset of the code alphabet), which glyph of a code it is, and the plate it is on.
+# what a token shows (letters are a subset of the code alphabet), which glyph of a code it is, the colour of the
+# object it is on, and what kind of object that is.
 READ_GROUPS: tuple[tuple[str, ...], ...] = (
     (*CODE_ALPHABET, *SHAPES, *PATTERNS),
     tuple(f"glyph {i + 1}" for i in range(CODE_LENGTH)),
     tuple(f"on {colour}" for colour in COLOURS),
+    ("is plate", "is region", "is frame"),
 )
 READ_CLASSES: tuple[str, ...] = tuple(name for group in READ_GROUPS for name in group)
 READ_LOGITS = len(READ_CLASSES) + len(READ_GROUPS)  # the reading head's outputs: each group and its "nothing"
+COARSE_READ_GROUPS = (2, 3)  # what the coarse view's tokens are labelled with: colour and kind of object, no glyphs
+# A coarse token is labelled with the object that covers at least this share of it: a plate's 44 px card covers at
+# least 60% of some token wherever it lies; a large frame's ring is 3-8 coarse pixels wide, a seventh of a token.
+_COARSE_COVER = {"plate": 0.3, "region": 0.3, "frame": 0.12}
 
 
 def _mark(targets: torch.Tensor, token: int, name: str) -> None:
@@ -332,9 +345,9 @@ def reading_targets(
 
     A token is marked with a character when that glyph's centre lies in it (codes: the ink's columns split into one
     run per glyph, or into equal thirds where glyphs touch) and, for a code, with the glyph's place in it; with a
-    shape or pattern when the ink's centre does; and with the plate's ``colour`` when its centre lies on the card
-    inside the border. Found from the crop's own pixels (dark ink on the light plate inside its border), so it holds
-    for any answer drawn.
+    shape or pattern when the ink's centre does; and with the plate's ``colour`` and "is plate" when its centre lies on
+    the card inside the border. Found from the crop's own pixels (dark ink on the light plate inside its border), so
+    it holds for any answer drawn.
 
     Why: from scratch, the answer loss alone reaches the vision tower only through the decoder's attention to the
     right tokens, which is itself untrained, and both sit at the answer priors for thousands of samples. This dense
@@ -352,6 +365,7 @@ def reading_targets(
         for col in range(gw):
             if x0 <= (col + 0.5) * PATCH_PX / sx < x1 and y0 <= (row + 0.5) * PATCH_PX / sy < y1:
                 _mark(targets, row * gw + col, f"on {colour}")
+                _mark(targets, row * gw + col, "is plate")
     ink = np.asarray(crop.convert("L"))[y0:y1, x0:x1] < 128
     if not ink.any():
         return targets
@@ -375,6 +389,52 @@ def reading_targets(
         _mark(targets, token, value)
         if is_code:
             _mark(targets, token, f"glyph {place + 1}")
+    return targets
+
+
+def coarse_reading_targets(p: PoolItem) -> torch.Tensor:
+    """What each merged token of ``p``'s coarse view lies on: (gh * gw, len(READ_CLASSES)) multi-hot, row-major, with
+    only :data:`COARSE_READ_GROUPS` marked: the colour and kind of the coloured object (plate, large region, large
+    frame's ring) that covers most of the token, if it covers at least its kind's share in :data:`_COARSE_COVER`.
+
+    Found from the scene (every object's box on the canvas, scaled to the view), so it holds at any downscale. Why:
+    a question names its plate by colour ("the blue frame"), and the attention Stage 1 distils can only find it there
+    if the coarse tokens say which colour they lie on; phase 0 taught the tower colours on native cards only, and a
+    linear probe then named the colour of only 53-69% of plates in the coarse view (README "The demo model").
+    """
+    gh, gw = p.grid_hw
+    scene = p.item.scene
+    sx, sy = gw * PATCH_PX / scene.canvas[0], gh * PATCH_PX / scene.canvas[1]
+    labels: list[tuple[str, str]] = [("", "")]  # index 0: nothing
+    mask = Image.new("L", (gw * PATCH_PX, gh * PATCH_PX), 0)
+    draw = ImageDraw.Draw(mask)
+
+    def scaled(box: Sequence[int]) -> tuple[float, float, float, float]:
+        return (box[0] * sx, box[1] * sy, box[2] * sx - 1, box[3] * sy - 1)
+
+    # Large objects first: a plate never overlaps them (a quadrant holds one object), but drawing order settles ties.
+    for region in scene.regions:
+        labels.append((region.colour, "region"))
+        (draw.ellipse if region.ellipse else draw.rectangle)(scaled(region.box), fill=len(labels) - 1)
+    for frame in scene.frames:
+        labels.append((frame.colour, "frame"))
+        width = max(1, round(frame.border * min(sx, sy)))
+        draw.rectangle(scaled(frame.box), outline=len(labels) - 1, width=width)
+    for plate in scene.plates:
+        labels.append((plate.colour, "plate"))
+        draw.rectangle(scaled(plate.box), fill=len(labels) - 1)
+    ids = np.asarray(mask).reshape(gh, PATCH_PX, gw, PATCH_PX).transpose(0, 2, 1, 3).reshape(gh * gw, -1)
+    # cover[t, k]: the share of token t's pixels that object k covers
+    cover = np.stack([(ids == k).mean(axis=1) for k in range(len(labels))], axis=1)
+    cover[:, 0] = 0.0
+    best = cover.argmax(axis=1)
+    targets = torch.zeros(gh * gw, len(READ_CLASSES))
+    for token in np.flatnonzero(cover[np.arange(gh * gw), best] > 0):
+        colour, kind = labels[best[token]]
+        if cover[token, best[token]] < _COARSE_COVER[kind]:
+            continue
+        _mark(targets, int(token), f"on {colour}")
+        _mark(targets, int(token), f"is {kind}")
     return targets
 
 
@@ -787,7 +847,7 @@ def train_base(
     # The reading head (see `reading_targets`) reads the merger's output; it is trained here and not saved.
     reader = torch.nn.Linear(recipe.hidden_size, READ_LOGITS)  # the merger projects to the text width
     if recipe.read_steps:
-        pretrain_reading(model, reader, builder, rng, recipe, progress=progress, log=log)
+        pretrain_reading(model, reader, builder, rng, recipe, pools, progress=progress, log=log)
     for name, p in model.named_parameters():
         p.requires_grad_(not name.startswith(frozen))  # a frozen tower: no gradient computed for it at all
     # The stock forward computes the merged image tokens internally; the hook hands them to the reading loss.
@@ -947,12 +1007,17 @@ def _grounding_loss(scores: Sequence[torch.Tensor], batch: dict[str, torch.Tenso
     return loss / len(scores)
 
 
-def _reading_loss(reader: torch.nn.Linear, merged: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+def _reading_loss(
+    reader: torch.nn.Linear,
+    merged: torch.Tensor,
+    batch: dict[str, torch.Tensor],
+    groups: Sequence[int] | None = None,
+) -> torch.Tensor:
     """The reading head's cross-entropy on the batch's labelled tokens (``collate``'s ``reading_mask``), summed over
-    :data:`READ_GROUPS`: per group a softmax over its classes and one more, "nothing"; a token that shows two glyph
-    centres has both as a soft target. In each group the tokens that show something and those that show nothing
-    are averaged apart and the two means added, so the few tokens with a glyph weigh as much as the many without.
-    Zero when nothing is labelled.
+    :data:`READ_GROUPS` (or those of them numbered in ``groups``): per group a softmax over its classes and one more,
+    "nothing"; a token that shows two glyph centres has both as a soft target. In each group the tokens that show
+    something and those that show nothing are averaged apart and the two means added, so the few tokens with a glyph
+    weigh as much as the many without. Zero when nothing is labelled.
 
     ``reader`` maps the vision tower's merged tokens (N, hidden) to :data:`READ_LOGITS` logits, group after group,
     each group's "nothing" last."""
@@ -967,6 +1032,8 @@ def _reading_loss(reader: torch.nn.Linear, merged: torch.Tensor, batch: dict[str
         marks = marks_all[:, first : first + len(group)]
         group_logits = logits[:, first + g : first + g + len(group) + 1]
         first += len(group)
+        if groups is not None and g not in groups:
+            continue
         shows = marks.any(-1)
         target = torch.cat([marks, (~shows).float()[:, None]], dim=-1)
         target = target / target.sum(-1, keepdim=True)
@@ -1012,6 +1079,7 @@ def reading_drill(rng: random.Random, side: int, zoom: float = 1.0) -> tuple[Ima
     g = side // PATCH_PX
     targets = torch.zeros(g * g, len(READ_CLASSES))
     targets[:, READ_CLASSES.index(f"on {colour}")] = 1.0  # the whole image is the card (a band is under 14 px)
+    targets[:, READ_CLASSES.index("is plate")] = 1.0
     for place, (cx, cy, name) in enumerate(centres):
         px, py = (x + cx) * side / big, (y + cy) * side / big
         if 0 <= px < side and 0 <= py < side:
@@ -1074,27 +1142,38 @@ def pretrain_reading(
     builder: ExampleBuilder,
     rng: random.Random,
     recipe: BaseRecipe,
+    pools: dict[str, ItemPool] | None = None,
     *,
     progress: bool,
     log: Callable[[str], None],
 ) -> None:
     """Phase 0: the vision tower and the reading head on the reading loss alone, on :func:`reading_drill` images
-    (the decoder is not run)."""
+    and, with ``pools``, on coarse views of their items (:func:`coarse_reading_targets`; the decoder is not run)."""
     vision = model.model.visual
     params = [*vision.parameters(), *reader.parameters()]
     optimizer = torch.optim.AdamW(params, lr=recipe.read_lr, weight_decay=recipe.weight_decay)
     started = time.perf_counter()
-    ema: float | None = None
+    ema: float | None = None  # drills' loss
+    coarse_ema: float | None = None  # coarse views' loss
     bar = tqdm(range(recipe.read_steps), desc="base: reading", disable=not progress, dynamic_ncols=True)
     sides = range(2 * PATCH_PX, recipe.read_side_max + 1, PATCH_PX)
+    pool_list = list(pools.values()) if pools else []
     for step in bar:
-        side = rng.choice(sides)
-        drills = [
-            reading_drill(rng, side, _zoom(rng, recipe.zoom_frac, recipe.zoom_max))
-            for _ in range(recipe.read_batch_size)
-        ]
-        prepared = [builder.engine._preprocess(image, builder.min_pixels, builder.max_pixels) for image, _ in drills]
-        targets = torch.cat([t for _, t in drills])
+        groups: Sequence[int] | None = None
+        if pool_list and rng.random() < recipe.read_coarse_frac:
+            pool_list[step % len(pool_list)].refresh(recipe.refresh)
+            picks = [rng.choice(rng.choice(pool_list).items) for _ in range(recipe.read_coarse_batch)]
+            images, labels = [p.coarse for p in picks], [coarse_reading_targets(p) for p in picks]
+            groups = COARSE_READ_GROUPS
+        else:
+            side = rng.choice(sides)
+            drills = [
+                reading_drill(rng, side, _zoom(rng, recipe.zoom_frac, recipe.zoom_max))
+                for _ in range(recipe.read_batch_size)
+            ]
+            images, labels = [image for image, _ in drills], [t for _, t in drills]
+        prepared = [builder.engine._preprocess(image, builder.min_pixels, builder.max_pixels) for image in images]
+        targets = torch.cat(labels)
         batch = {
             "reading": targets,
             "reading_mask": torch.ones(targets.shape[0], dtype=torch.bool),
@@ -1105,15 +1184,21 @@ def pretrain_reading(
             pixels = torch.cat([p for p, _ in prepared])
             grids = torch.stack([g for _, g in prepared])
             merged = vision(pixels, grid_thw=grids).pooler_output
-            loss = _reading_loss(reader, merged, batch)
+            loss = _reading_loss(reader, merged, batch, groups)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
-        ema = loss.item() if ema is None else 0.95 * ema + 0.05 * loss.item()
-        bar.set_postfix(read=f"{ema:.3f}")
+        if groups is None:
+            ema = loss.item() if ema is None else 0.95 * ema + 0.05 * loss.item()
+        else:
+            coarse_ema = loss.item() if coarse_ema is None else 0.9 * coarse_ema + 0.1 * loss.item()
+        bar.set_postfix(read=f"{ema or 0:.3f}", coarse=f"{coarse_ema or 0:.3f}")
         if not progress and (step + 1) % 100 == 0:
-            log(f"base reading step {step + 1}/{recipe.read_steps} loss {ema:.4f} {time.perf_counter() - started:.0f}s")
+            log(
+                f"base reading step {step + 1}/{recipe.read_steps} loss {ema or 0:.4f} coarse {coarse_ema or 0:.4f} "
+                f"{time.perf_counter() - started:.0f}s"
+            )
 
 
 def _log_checks(
