@@ -299,8 +299,9 @@ def write_model_card(
         "",
         "From scratch, on CPU, with one command: `qzoom train demo OUT` (`qzoom.train.demo`). The base model is "
         "trained on the benchmark's train split with a curriculum (`qzoom.train.base`): the vision tower alone "
-        "first, on a dense per-token reading loss (which glyph, shape or pattern each token shows; a linear head "
-        "that is dropped afterwards); then, with the tower frozen, answer drills on single plates, native-resolution "
+        "first, on a dense per-token reading loss (which glyph, shape or pattern each token shows on reading drills, "
+        "and the colour and kind of object under each token of whole coarse views; a linear head that is dropped "
+        "afterwards); then, with the tower frozen, answer drills on single plates, native-resolution "
         "crops around the target, a mixed phase (crops, coarse views, the fused coarse+crop sequence the engine "
         "builds) and a ground phase (coarse views at the benchmark's sizes with the attention of two heads taught to "
         "rest on the named plate, half of its steps mixed-phase batches). Then Stage 1 (SD-RPN from the model's own "

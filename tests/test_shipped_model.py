@@ -3,8 +3,8 @@
 A regression guard on the artifact (not a measurement: `qzoom eval demo --items 300 --card` made the numbers in
 `qzoom/models/qzoom-tiny/MODEL_CARD.md`). The same evaluation runs here on the first test items, and each bound sits
 below what the card reports, by more than the sampling noise of this many items. Where the checkpoint misses a target
-of the issue (Q-Zoom detail accuracy >= 85%, gate skip >= 70%) the bound is what it does reach, so that a retrained
-checkpoint that does worse fails here; the card says which targets are missed.
+of the issue (Q-Zoom detail accuracy >= 85%) the bound is what it does reach, so that a retrained checkpoint that does
+worse fails here; the card says which targets are missed.
 """
 
 from __future__ import annotations
@@ -43,20 +43,21 @@ def test_the_package_ships_the_demo_model_with_its_card():
 
 def test_the_coarse_view_fails_on_detail_and_answers_coarse_questions(report):
     assert report.accuracy("coarse@256", "detail") <= 0.40  # the issue's bound: detail is lost at this budget
-    assert report.accuracy("coarse@256", "coarse") >= 0.30  # the card: 51% of colour and count questions
+    assert report.accuracy("coarse@256", "coarse") >= 0.70  # the card: 93% of colour and count questions
 
 
-def test_the_gate_fires_on_detail_and_skips_some_coarse_right_questions(report):
+def test_the_gate_fires_on_detail_and_skips_most_coarse_right_questions(report):
     assert report.gate_fire_rate() >= 0.90  # the issue's bound; the card: 100%
-    assert report.gate_skip_rate() >= 0.25  # the card: 48% (the issue asks 70%)
+    # The card: 71% (the issue asks 70%); here about 22 questions, 64% when the card was made: a bound below the noise.
+    assert report.gate_skip_rate() >= 0.45
 
 
 def test_the_sd_rpn_box_holds_the_target(report):
-    assert report.rpn_hit_rate() >= 0.80  # the card: 95% (the issue asks 85%), with large boxes
+    assert report.rpn_hit_rate() >= 0.85  # the issue's bound; the card: 100%, with large boxes
     assert report.rpn_box_share() < 0.90  # a box, not the whole image
 
 
 def test_zooming_costs_one_view_more_at_most_and_keeps_the_coarse_answers(report):
     # One zoom step re-encodes one region at the same budget: at most twice the coarse view's tokens.
     assert sum(report.runs["qzoom@256"].visual_tokens) <= 2 * sum(report.runs["coarse@256"].visual_tokens)
-    assert report.accuracy("qzoom@256", "coarse") >= 0.30  # the card: 51%
+    assert report.accuracy("qzoom@256", "coarse") >= 0.70  # the card: 92%
