@@ -12,7 +12,7 @@ Contract:
   a plate, 56-84 px) with a per-token cross-entropy through a linear head that is dropped afterwards (which glyph,
   shape or pattern each merged token shows, which glyph of a code it is, and the colour of the plate it is on); a
   quarter of its steps are whole coarse views of benchmark items, each token labelled with the colour and kind
-  (plate, large region, large frame) of the object under it, which is how a question's colour word finds its plate.
+  (plate, large region, large frame) of the object under it, so that a question's colour word can find its plate.
   With the answer loss alone a from-scratch model of this size sat at the answer priors for 900+ steps (the ViT
   gets its signal only through decoder attention that is itself untrained), and a 14 px-patch ViT needs many
   samples to see a glyph at every offset inside a patch, so cheap samples come first. The tower then stays as
@@ -324,7 +324,7 @@ READ_CLASSES: tuple[str, ...] = tuple(name for group in READ_GROUPS for name in 
 READ_LOGITS = len(READ_CLASSES) + len(READ_GROUPS)  # the reading head's outputs: each group and its "nothing"
 COARSE_READ_GROUPS = (2, 3)  # what the coarse view's tokens are labelled with: colour and kind of object, no glyphs
 # A coarse token is labelled with the object that covers at least this share of it: a plate's 44 px card covers at
-# least 60% of some token wherever it lies; a large frame's ring is 3-8 coarse pixels wide, a seventh of a token.
+# least 60% of some token wherever it lies; a large frame's ring is 3-8 coarse pixels wide, a tenth to a third.
 _COARSE_COVER = {"plate": 0.3, "region": 0.3, "frame": 0.12}
 
 
