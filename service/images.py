@@ -69,6 +69,14 @@ async def upload_image(request: Request, service: Service) -> ImageInfo:
     return ImageInfo(image_id=service.images.put(image), width=image.width, height=image.height)
 
 
+def _parse_zoom_args(service: Service, raw: dict[str, object]) -> ZoomArgs:
+    assert service.runner is not None
+    try:
+        return service.runner.parse(raw)
+    except ValidationError as err:
+        raise ApiError(422, "invalid_request", describe_errors(err, list(ZoomArgs.model_fields))) from err
+
+
 @router.post(
     "/tools/zoom",
     response_model=ZoomResult,
@@ -92,13 +100,12 @@ async def zoom_tool(request: Request, service: Service, worker: ReadyWorker) -> 
     if url is not None and any(raw.get(k) is not None for k in ("image_id", "image_data", "image_path")):
         raise ApiError(422, "invalid_request", "give exactly one of image_id, image_data or image_url")
     if url is not None:
+        # The other arguments first, with the URL standing in for the image: a bad box costs no download.
+        _parse_zoom_args(service, {**raw, "image_id": url})
         fetched = await fetch_image_url(url, service.settings)
         image = await run_in_threadpool(decode_upload, fetched, service.settings.max_pixels_in)
         raw["image_id"] = service.images.put(image)
-    try:
-        args = service.runner.parse(raw)
-    except ValidationError as err:
-        raise ApiError(422, "invalid_request", describe_errors(err, list(ZoomArgs.model_fields))) from err
+    args = _parse_zoom_args(service, raw)
     data = args.image_bytes()
     if data is not None:
         # Decoded here, under the service's pixel limit, instead of by the runner (which has no limit).

@@ -351,6 +351,14 @@ def test_image_url_from_an_allowed_host_is_fetched_for_ask_and_the_tools(client,
     assert gate.status_code == 200 and gate.json()["image_wh"] == list(IMAGE_WH)
 
 
+def test_zoom_checks_its_other_arguments_before_fetching_the_image_url(client, origin):
+    # /missing answers 404, so a fetch first would report image_url_fetch_failed instead of the bad box.
+    body = {"image_url": f"{origin}/missing", "box": {"coords": [0, 0, 0.5], "frame": "unit"}}
+    assert "box" in assert_error(client.post("/v1/tools/zoom", json=body), 422, "invalid_request")["message"]
+    body["box"] = {"coords": [0, 0, 0.5, 0.5], "frame": "unit"}  # a good box: now the fetch runs, and fails
+    assert "404" in assert_error(client.post("/v1/tools/zoom", json=body), 422, "image_url_fetch_failed")["message"]
+
+
 @pytest.mark.parametrize(
     ("url", "status", "code", "named"),
     [
