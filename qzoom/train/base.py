@@ -404,13 +404,13 @@ def coarse_reading_targets(p: PoolItem) -> torch.Tensor:
     """
     gh, gw = p.grid_hw
     scene = p.item.scene
-    sx, sy = gw * PATCH_PX / scene.canvas[0], gh * PATCH_PX / scene.canvas[1]
     labels: list[tuple[str, str]] = [("", "")]  # index 0: nothing
     mask = Image.new("L", (gw * PATCH_PX, gh * PATCH_PX), 0)
     draw = ImageDraw.Draw(mask)
 
     def scaled(box: Sequence[int]) -> tuple[float, float, float, float]:
-        return (box[0] * sx, box[1] * sy, box[2] * sx - 1, box[3] * sy - 1)
+        x0, y0, x1, y1 = _scaled(box, scene.canvas, mask.size)
+        return (x0, y0, x1 - 1, y1 - 1)  # PIL draws the right and bottom edges inclusive
 
     # Large objects first: a plate never overlaps them (a quadrant holds one object), but drawing order settles ties.
     for region in scene.regions:
@@ -418,7 +418,7 @@ def coarse_reading_targets(p: PoolItem) -> torch.Tensor:
         (draw.ellipse if region.ellipse else draw.rectangle)(scaled(region.box), fill=len(labels) - 1)
     for frame in scene.frames:
         labels.append((frame.colour, "frame"))
-        width = max(1, round(frame.border * min(sx, sy)))
+        width = max(1, round(frame.border * min(mask.width / scene.canvas[0], mask.height / scene.canvas[1])))
         draw.rectangle(scaled(frame.box), outline=len(labels) - 1, width=width)
     for plate in scene.plates:
         labels.append((plate.colour, "plate"))
