@@ -123,10 +123,10 @@ class ZoomToolRunner:
         return float(score), st.gate_thresh
 
     async def proposal(
-        self, image: Image.Image, query: str, *, max_boxes: int = 1, margin: float = 0.0
+        self, image: Image.Image, query: str, *, max_boxes: int | None = None, margin: float = 0.0
     ) -> tuple[Proposal, float | None, float]:
         """The SD-RPN's full proposal for `query` on the coarse view (map included), the gate's score when the
-        checkpoint has a gate, and τ_roi."""
+        checkpoint has a gate, and τ_roi. `max_boxes` None: the checkpoint's."""
         engine = self.worker.engine
         if not engine.has_rpn:
             raise ValueError("this checkpoint has no region proposer (SD-RPN): send a box")
@@ -139,7 +139,7 @@ class ZoomToolRunner:
         return proposal, (st.gate_scores[0] if st.gate_scores else None), st.roi_thresh
 
     async def propose(
-        self, image: Image.Image, query: str, *, max_boxes: int = 1, margin: float = 0.0
+        self, image: Image.Image, query: str, *, max_boxes: int | None = None, margin: float = 0.0
     ) -> tuple[list[PixelBox], float | None, HeatmapSummary]:
         """The SD-RPN's boxes for `query` (the whole image when no cell passes τ_roi), the gate's score when the
         checkpoint has a gate, and a summary of the probability map."""
@@ -156,7 +156,9 @@ class ZoomToolRunner:
 
     async def _proposed(self, image: Image.Image, args: ZoomArgs) -> ZoomResult:
         """No box: the SD-RPN proposes one for the query (gate score included when there is a gate)."""
-        boxes, gate_score, summary = await self.propose(image, args.query or "", margin=args.margin or 0.0)
+        # One crop comes back, so it is the paper's one box around every cell the SD-RPN lit, whatever number of
+        # boxes the checkpoint zooms on by itself.
+        boxes, gate_score, summary = await self.propose(image, args.query or "", max_boxes=1, margin=args.margin or 0.0)
         b = boxes[0]
         box = (b.x0, b.y0, b.x1, b.y1)
         return ZoomResult(

@@ -10,7 +10,8 @@ crop, re-encode, fused prefill, decode).
 * ``coarse@B``: the coarse view alone (no zoom) at the small budget B (:data:`COARSE_TOKENS` tokens).
 * ``baseline@N``: no zoom, the whole image at N tokens for each larger budget N (the accuracy-vs-budget baseline).
 * ``qzoom@B``: the gate decides (the default pipeline) at budget B.
-* ``forced@B``: zoom on every question at B; its boxes score the SD-RPN (is the target's centre inside?).
+* ``forced@B``: zoom on every question at B; its boxes score the SD-RPN (is the target's centre inside one of
+  them?). The boxes are the checkpoint's: its ``roi_thresh`` and ``max_boxes`` (``qzoom train boxes``).
 
 Targets (DESIGN.md "The demo model"; the thresholds live in :data:`TARGETS`, never tuned to the numbers):
 detail accuracy of ``coarse@B`` at most 40 %; of ``qzoom@B`` at least 85 %; ``qzoom@B`` overall accuracy at least
@@ -54,7 +55,7 @@ class RunStats:
     name: str
     correct: list[bool] = field(default_factory=list)
     zoomed: list[bool] = field(default_factory=list)
-    boxes: list[list[int] | None] = field(default_factory=list)
+    boxes: list[list[list[int]]] = field(default_factory=list)  # per item, the boxes it zoomed on (none: [])
     visual_tokens: list[int] = field(default_factory=list)
     seconds: float = 0.0
 
@@ -107,23 +108,23 @@ class DemoReport:
         return sum(picks) / len(picks) if picks else float("nan")
 
     def rpn_hit_rate(self) -> float:
-        """Of the detail questions, the fraction whose forced-zoom box contains the target's centre."""
+        """Of the detail questions, the fraction where a forced-zoom box contains the target's centre."""
         boxes = self.runs[f"forced@{self.small_budget}"].boxes
         hits = [
-            b is not None and box_contains_center(b, gt)
-            for b, gt, d in zip(boxes, self.gt_boxes, self.detail, strict=True)
+            any(box_contains_center(b, gt) for b in bs)
+            for bs, gt, d in zip(boxes, self.gt_boxes, self.detail, strict=True)
             if d
         ]
         return sum(hits) / len(hits) if hits else float("nan")
 
     def rpn_box_share(self) -> float:
-        """Median share of the image that the forced-zoom box covers, over the detail questions (1.0 where no box
-        was proposed). A box over the whole image contains every target's centre: the hit rate means something only
-        beside this."""
+        """Median share of the image that the forced-zoom boxes cover together, over the detail questions (1.0 where
+        no box was proposed). A box over the whole image contains every target's centre: the hit rate means something
+        only beside this."""
         boxes = self.runs[f"forced@{self.small_budget}"].boxes
         shares = sorted(
-            1.0 if b is None else (b[2] - b[0]) * (b[3] - b[1]) / (w * h)
-            for b, (w, h), d in zip(boxes, self.image_sizes, self.detail, strict=True)
+            min(1.0, sum((b[2] - b[0]) * (b[3] - b[1]) for b in bs) / (w * h)) if bs else 1.0
+            for bs, (w, h), d in zip(boxes, self.image_sizes, self.detail, strict=True)
             if d
         )
         return shares[len(shares) // 2] if shares else float("nan")
@@ -216,7 +217,7 @@ def _measure_chunk(
         for item, res in zip(items, results, strict=True):
             stats.correct.append(exact_match(res.answer, item.answer))
             stats.zoomed.append(res.zoomed)
-            stats.boxes.append(res.steps[0].box if res.steps else None)
+            stats.boxes.append([step.box for step in res.steps])
             stats.visual_tokens.append(res.visual_tokens)
 
 
@@ -293,6 +294,8 @@ def write_model_card(
         f"(`reuse_src_pos={config.get('reuse_src_pos')}`).",
         f"- Pixel budget per view: {config.get('min_pixels')} to {config.get('max_pixels')} pixels "
         f"({(config.get('max_pixels') or 0) // (PATCH_PX * PATCH_PX)} merged tokens at most).",
+        f"- Boxes: `roi_thresh` {config.get('roi_thresh')}, at most {config.get('max_boxes', 1)} box(es) per zoom step "
+        "(one per connected component of the SD-RPN's map; the paper: one box around all of it).",
         f"- Weights: `model.safetensors`, {size_mb:.1f} MB (float32).",
         "",
         "## How it was made",

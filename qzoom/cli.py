@@ -75,7 +75,7 @@ def ask(
     roi_thresh: Annotated[float | None, typer.Option(min=0.0, max=1.0, help="τ_roi")] = None,
     min_pixels: Annotated[int | None, typer.Option(help="lower pixel budget per view")] = None,
     max_pixels: Annotated[int | None, typer.Option(help="upper pixel budget per view")] = None,
-    max_boxes: Annotated[int, typer.Option(min=1, max=8, help="boxes per step")] = 1,
+    max_boxes: Annotated[int | None, typer.Option(min=1, max=8, help="boxes per step [checkpoint]")] = None,
     margin: Annotated[float, typer.Option(min=0.0, max=1.0, help="border around each box, fraction of side")] = 0.0,
     max_new_tokens: Annotated[int, typer.Option(min=1, max=1024)] = 32,
     device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1, ... [env QZOOM_DEVICE]")] = None,
@@ -129,8 +129,9 @@ def ask(
     else:
         gate = "not consulted (--zoom/--no-zoom)" if zoom is not None else "none (this checkpoint has no gate)"
     typer.echo(f"gate score: {gate}; zoomed: {'yes' if res.zoomed else 'no'}; visual tokens: {res.visual_tokens}")
+    # One line per region; several boxes of one zoom step share the gate score that opened the step.
     for i, step in enumerate(res.steps, 1):
-        typer.echo(f"  step {i}: box {step.box} ({step.visual_tokens} tokens)")
+        typer.echo(f"  region {i}: box {step.box} ({step.visual_tokens} tokens)")
     typer.echo(f"time: {sum(res.timings_ms.values()):.0f} ms", err=True)
 
 
@@ -552,6 +553,85 @@ def train_stage3_cmd(
         max_steps=max_steps, seed=seed, save_every=save_every, device=device, dtype=dtype,
         max_new_tokens=max_new_tokens, mine_batch_size=mine_batch_size,
     )  # fmt: skip
+
+
+@train_app.command("boxes")
+def train_boxes_cmd(
+    model: Annotated[Path, typer.Argument(help="checkpoint directory; its config.json is updated in place")],
+    data: TrainData = None,
+    synthetic: Annotated[
+        int | None, typer.Option("--synthetic", min=1, help="N detail questions of the synthetic train split")
+    ] = None,
+    candidates: Annotated[
+        str, typer.Option(help="'TAU:BOXES,...' in order of preference, the paper's first")
+    ] = "0.1:1,0.2:2,0.3:2,0.2:3,0.3:3",
+    min_gain: Annotated[
+        float, typer.Option(min=0.0, max=1.0, help="share of the items a later candidate must answer better")
+    ] = 0.03,
+    judge: Annotated[str, typer.Option(help="auto (synthetic scoring / exact match), exact, or llm")] = "auto",
+    judge_model: Annotated[Path | None, typer.Option(help="chat checkpoint for --judge llm")] = None,
+    data_seed: TrainDataSeed = 0,
+    min_side: TrainSide = 896,
+    max_side: TrainSide = 4096,
+    batch_size: TrainMineBatch = 8,
+    device: TrainDevice = "cpu",
+    min_pixels: TrainPixels = None,
+    max_pixels: TrainPixels = None,
+    max_new_tokens: TrainTokens = 32,
+) -> None:
+    """Pick τ_roi and the boxes per zoom step by forced-zoom answers on labelled items; writes them into MODEL.
+
+    Give it the questions that need zooming (with --synthetic: the benchmark's detail questions). Only the answers
+    are read, never a box. Requests can still set --roi-thresh / --max-boxes.
+    """
+    import json
+
+    from pydantic import ValidationError
+
+    from qzoom.checkpoint import CheckpointError
+    from qzoom.evals.synthetic import DETAIL_FAMILIES
+    from qzoom.images import ImageError
+    from qzoom.train.boxes import BoxConfig, calibrate_boxes, write_box_settings
+    from qzoom.train.common import JsonlItems, SyntheticItems, TrainingError, TrainItem
+    from qzoom.train.labels import Judge, exact_match_judge, llm_judge
+    from qzoom.train.stage2 import hf_chat_generate, synthetic_judge
+
+    if judge not in ("auto", "exact", "llm"):
+        _fail(f"--judge takes auto, exact or llm; got {judge!r}")
+    if judge == "llm" and judge_model is None:
+        _fail("--judge llm needs --judge-model DIR (a chat checkpoint, e.g. Qwen2.5-VL-7B-Instruct)")
+    if (data is None) == (synthetic is None):
+        _fail("give exactly one data source: --data FILE.jsonl or --synthetic N")
+    try:
+        pairs = [(float(t), int(b)) for t, b in (c.split(":") for c in candidates.split(","))]
+    except ValueError:
+        _fail(f"--candidates takes comma-separated TAU:BOXES pairs such as 0.1:1,0.3:2; got {candidates!r}")
+    _quiet_transformers()
+    try:
+        config = BoxConfig(
+            candidates=pairs, min_gain=min_gain, batch_size=batch_size, max_new_tokens=max_new_tokens,
+            min_pixels=min_pixels, max_pixels=max_pixels, device=device,
+        )  # fmt: skip
+        items: Sequence[TrainItem]
+        if synthetic is not None:
+            families = tuple(sorted(DETAIL_FAMILIES))
+            items = SyntheticItems(synthetic, seed=data_seed, families=families, min_side=min_side, max_side=max_side)
+        else:
+            assert data is not None
+            items = JsonlItems(data)
+        chosen_judge: Judge = exact_match_judge
+        if judge == "llm" and judge_model is not None:
+            chosen_judge = llm_judge(hf_chat_generate(judge_model, device=device))
+        elif judge == "auto" and synthetic is not None:
+            chosen_judge = synthetic_judge
+        chosen = calibrate_boxes(model, items, config, judge=chosen_judge)
+        write_box_settings(model, chosen)
+    except ValidationError as err:
+        _fail("; ".join(f"{'.'.join(map(str, e['loc'])) or 'boxes'}: {e['msg']}" for e in err.errors()))
+    except (TrainingError, CheckpointError, ImageError, OSError) as err:
+        _fail(str(err))
+    typer.echo(f"boxes: roi_thresh {chosen.roi_thresh:g}, {chosen.max_boxes} box(es) per step, written to {model}")
+    typer.echo(json.dumps(chosen.right))
 
 
 @train_app.command("demo")

@@ -109,6 +109,7 @@ class SequenceState:
     max_pixels: int
     gate_thresh: float
     roi_thresh: float
+    max_boxes: int
     system_prompt: str | None = None  # None: the chat template's default ("You are a helpful assistant.")
     # Tensors start empty and are filled by the steps named beside them.
     input_ids: Tensor = field(default_factory=lambda: _EMPTY_IDS)  # prepare: (n,)
@@ -366,6 +367,7 @@ class QZoomEngine:
             max_pixels=max_px,
             gate_thresh=s.high_res_thresh if opts.gate_thresh is None else opts.gate_thresh,
             roi_thresh=s.roi_thresh if opts.roi_thresh is None else opts.roi_thresh,
+            max_boxes=s.max_boxes if opts.max_boxes is None else opts.max_boxes,
             system_prompt=system_prompt,
         )
 
@@ -667,7 +669,7 @@ class QZoomEngine:
                 candidates = []
                 for block, logits in zip(st.newest_blocks, maps, strict=True):
                     grid_boxes, prob = roi.propose_grid_boxes(
-                        logits, st.roi_thresh, max_boxes=st.options.max_boxes, sink_mask=True
+                        logits, st.roi_thresh, max_boxes=st.max_boxes, sink_mask=True
                     )
                     candidates.append((float(prob.max()), block, logits, prob, grid_boxes))
                 _, block, logits, prob, grid_boxes = max(candidates, key=lambda c: c[0])

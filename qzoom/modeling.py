@@ -49,6 +49,9 @@ class QZoomSettings:
     high_res_T: int = 3
     high_res_thresh: float = DEFAULT_GATE_THRESH
     roi_thresh: float = DEFAULT_ROI_THRESH
+    # Boxes per zoom step (connected components of the thresholded map). Not an official key: the paper's one box
+    # is the default, and a checkpoint whose boxes were calibrated (`qzoom train boxes`) records its own.
+    max_boxes: int = 1
     # The official code reads `reuse_src_pos` with default False (QZ:M25:1161); a checkpoint that wants the aligned
     # positions says so in its config (ours always write it).
     reuse_src_pos: bool = False
@@ -75,6 +78,7 @@ class QZoomSettings:
             high_res_T=int(get("high_res_T", None) or twig_t),
             high_res_thresh=get_float("high_res_thresh", DEFAULT_GATE_THRESH),
             roi_thresh=get_float("roi_thresh", DEFAULT_ROI_THRESH),
+            max_boxes=int(get("max_boxes", None) or 1),
             reuse_src_pos=bool(get("reuse_src_pos", False)),
             min_pixels=get("min_pixels", None),
             max_pixels=get("max_pixels", None),

@@ -3,7 +3,8 @@
 `AskResult` is exactly what `qzoom ask --json` prints and what `POST /ask` returns:
 `{answer, zoomed, gate_score, steps[{box, gate_score, visual_tokens}], visual_tokens, timings_ms, model}`, boxes in
 integer pixels of the original image with x1/y1 exclusive. `AskOptions` are the per-request knobs; every default
-reproduces the paper (one box, one step, no margin, the checkpoint's thresholds).
+reproduces the paper (one step, no margin) or takes the checkpoint's value (its thresholds, and its boxes per step: one,
+the paper's, unless its boxes were calibrated with `qzoom train boxes`).
 
 `check_prompt_text` guards the text a caller puts into the prompt (the question, a system prompt): it may not hold the
 chat template's control tokens (`CONTROL_TOKENS`), which would open fake turns or image slots without pixels behind
@@ -55,7 +56,9 @@ class AskOptions(BaseModel):
     )
     force_zoom: bool | None = Field(None, description="true: always zoom; false: never zoom; null: the gate decides")
     max_steps: int = Field(1, ge=0, le=8, description="zoom steps at most (the paper: 1)")
-    max_boxes: int = Field(1, ge=1, le=8, description="boxes per step from connected components (the paper: 1)")
+    max_boxes: int | None = Field(
+        None, ge=1, le=8, description="boxes per step from connected components (default: the checkpoint's, else 1)"
+    )
     margin: float = Field(0.0, ge=0.0, le=1.0, description="extra border around each box, as a fraction of its side")
     max_new_tokens: int = Field(32, ge=1, le=1024, description="answer length limit in tokens")
 

@@ -49,7 +49,9 @@ class GateRequest(ImageSourceFields):
 class ProposeRequest(GateRequest):
     """An image and a question for the region proposer."""
 
-    max_boxes: int = Field(1, ge=1, le=MAX_PROPOSED_BOXES, description="boxes at most (connected components)")
+    max_boxes: int | None = Field(
+        None, ge=1, le=MAX_PROPOSED_BOXES, description="boxes at most (connected components); null: the checkpoint's"
+    )
     margin: float = Field(0.0, ge=0.0, le=1.0, description="extra border around each box, fraction of its side")
 
 

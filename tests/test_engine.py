@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from PIL import Image
@@ -11,6 +13,7 @@ from qzoom import roi
 from qzoom.agent import ask, run
 from qzoom.engine import Proposal, QZoomEngine, SequenceState
 from qzoom.images import padded_to_aspect
+from qzoom.modeling import QZoomQwen2_5_VLForConditionalGeneration
 from qzoom.schemas import AskOptions
 
 BUDGET = {"min_pixels": MIN_PIXELS, "max_pixels": MAX_PIXELS}
@@ -221,6 +224,32 @@ def test_several_boxes_per_step(engine, images):
     outer = one.blocks[1].box
     for b in many.blocks[1:]:
         assert outer.x0 <= b.box.x0 and b.box.x1 <= outer.x1 and outer.y0 <= b.box.y0 and b.box.y1 <= outer.y1
+
+
+def test_the_checkpoints_box_settings_are_the_default_and_a_request_overrides_them(tiny_model, processor, images):
+    """`max_boxes` and `roi_thresh` in config.json (written by `qzoom train boxes`) are what a request gets unless it
+    sets its own; a config without `max_boxes` gets the paper's one box."""
+    assert QZoomEngine(tiny_model, processor).new_state(images[0], "q").max_boxes == 1
+    config = copy.deepcopy(tiny_model.config)
+    config.max_boxes, config.roi_thresh = 3, 0.15
+    calibrated = QZoomQwen2_5_VLForConditionalGeneration(config).eval()
+    calibrated.load_state_dict(tiny_model.state_dict())
+    engine = QZoomEngine(calibrated, processor)
+    st = engine.new_state(images[0], "q")
+    assert (st.max_boxes, st.roi_thresh) == (3, 0.15)
+    st = engine.new_state(images[0], "q", AskOptions(max_boxes=1, roi_thresh=0.1))
+    assert (st.max_boxes, st.roi_thresh) == (1, 0.1)
+    # At τ_roi 0.1 this map has two components: the checkpoint's three boxes zoom on both, the paper's one box spans
+    # them.
+    (default,) = run_states(engine, [images[0]], [QUESTIONS[0]], AskOptions(force_zoom=True, roi_thresh=0.1, **BUDGET))
+    (explicit,) = run_states(
+        engine, [images[0]], [QUESTIONS[0]], AskOptions(force_zoom=True, roi_thresh=0.1, max_boxes=3, **BUDGET)
+    )
+    (paper,) = run_states(
+        engine, [images[0]], [QUESTIONS[0]], AskOptions(force_zoom=True, roi_thresh=0.1, max_boxes=1, **BUDGET)
+    )
+    assert len(default.blocks) == 3 and len(paper.blocks) == 2
+    assert [b.box for b in default.blocks] == [b.box for b in explicit.blocks]
 
 
 def test_margin_grows_the_box(engine, images):

@@ -574,10 +574,26 @@ def test_rpn_box_share_is_the_median_box_area_over_detail_questions():
     report.image_sizes = [(100, 100), (200, 100), (100, 100), (100, 100)]
     report.runs["forced@256"] = RunStats("forced@256")
     # 10% of the first image, the whole second one, none proposed on the third, a coarse question ignored.
-    report.runs["forced@256"].boxes = [[0, 0, 10, 100], [0, 0, 200, 100], None, [0, 0, 1, 1]]
+    report.runs["forced@256"].boxes = [[[0, 0, 10, 100]], [[0, 0, 200, 100]], [], [[0, 0, 1, 1]]]
     assert report.rpn_box_share() == 1.0
-    report.runs["forced@256"].boxes[1] = [0, 0, 50, 100]  # a quarter
+    report.runs["forced@256"].boxes[1] = [[0, 0, 50, 100]]  # a quarter
     assert report.rpn_box_share() == 0.25
+    report.runs["forced@256"].boxes[1] = [[0, 0, 50, 50], [100, 0, 200, 25]]  # two boxes: 1/8 + 1/8 of it
+    assert report.rpn_box_share() == 0.25
+
+
+def test_rpn_hit_rate_counts_a_target_inside_any_box_of_the_step():
+    report = DemoReport(small_budget=256, budgets=())
+    report.detail = [True, True, True, False]
+    report.gt_boxes = [(40, 40, 60, 60)] * 4  # centre (50, 50)
+    report.runs["forced@256"] = RunStats("forced@256")
+    report.runs["forced@256"].boxes = [
+        [[0, 0, 10, 10], [45, 45, 55, 55]],  # the second box holds the centre
+        [[0, 0, 10, 10], [70, 70, 90, 90]],  # neither does
+        [],  # no box proposed
+        [[45, 45, 55, 55]],  # a coarse question: not scored
+    ]
+    assert report.rpn_hit_rate() == pytest.approx(1 / 3)
 
 
 def test_eval_demo_command_rejects_bad_input(micro_dir):

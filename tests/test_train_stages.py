@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -22,6 +23,7 @@ from qzoom.modeling import QZoomQwen2_5_VLForConditionalGeneration, enable_qzoom
 from qzoom.offline import build_processor, build_tokenizer, tiny_qwen25vl_config
 from qzoom.schemas import AskOptions
 from qzoom.train import stage1 as stage1_module
+from qzoom.train.boxes import BoxConfig, calibrate_boxes, write_box_settings
 from qzoom.train.common import RunDir, SyntheticItems, TrainConfig, TrainingError, fit
 from qzoom.train.labels import answer_to_image_attention_per_head, exact_match_judge
 from qzoom.train.stage1 import Heads, Stage1Config, answer_attention, pseudo_labels, train_stage1
@@ -554,3 +556,82 @@ def test_train_stage1_command_on_synthetic_items_picks_heads(base_dir, tmp_path)
     assert result.exit_code == 0, result.output
     heads = json.loads((out / "config.json").read_text())["qzoom_stage1_heads"]
     assert heads["source"] == "select_heads_by_localisation on 3 calibration items" and len(heads["grounding"]) == 2
+
+
+# -- Box settings (qzoom train boxes) ----------------------------------------------------------------------------------
+
+BOX_RUNTIME = {"min_pixels": MIN_PIXELS, "max_pixels": MAX_PIXELS, "max_new_tokens": 3, "progress": False}
+
+
+def test_box_calibration_picks_the_setting_with_the_most_right_answers_and_the_engine_takes_it(
+    stage1_dir, items, tmp_path
+):
+    model = tmp_path / "model"
+    shutil.copytree(stage1_dir, model, ignore=shutil.ignore_patterns("trainer"))
+    seen: list[str] = []
+
+    def right_on_the_second_candidate(
+        question: str, ground_truth: str, answer_a: str, answer_b: str
+    ) -> tuple[bool, bool]:
+        seen.append(answer_a)
+        return len(items) < len(seen) <= 2 * len(items), False
+
+    config = BoxConfig(candidates=[(0.1, 1), (0.3, 2), (0.5, 3)], **BOX_RUNTIME)
+    chosen = calibrate_boxes(model, items, config, judge=right_on_the_second_candidate)
+    assert (chosen.roi_thresh, chosen.max_boxes) == (0.3, 2)
+    assert chosen.right == {"0.1/1": 0, "0.3/2": len(items), "0.5/3": 0} and chosen.items == len(items)
+    # The judge saw the answers after one forced zoom: the first candidate is the checkpoint's own setting.
+    assert seen[: len(items)] == answers(stage1_dir, items)
+
+    write_box_settings(model, chosen)
+    write_box_settings(model, chosen)  # a second calibration replaces the first's record
+    config_json = json.loads((model / "config.json").read_text())
+    assert (config_json["roi_thresh"], config_json["max_boxes"]) == (0.3, 2)
+    assert [e["stage"] for e in config_json["qzoom_training"]] == ["stage1", "boxes"]
+    st = QZoomEngine.from_pretrained(model).new_state(items[0].image, items[0].question)
+    assert (st.roi_thresh, st.max_boxes) == (0.3, 2)
+
+
+def test_box_calibration_keeps_the_earlier_candidate_unless_a_later_one_gains_more_than_min_gain(stage1_dir, items):
+    def always_right(question: str, ground_truth: str, answer_a: str, answer_b: str) -> tuple[bool, bool]:
+        return True, True
+
+    calls: list[int] = []
+
+    def one_more_on_the_second(question: str, ground_truth: str, answer_a: str, answer_b: str) -> tuple[bool, bool]:
+        calls.append(1)
+        return len(calls) in (1, 3, 4), False  # the first candidate: 1 of 2 right; the second: 2 of 2
+
+    gain = BoxConfig(candidates=[(0.1, 1), (0.2, 2)], **BOX_RUNTIME)
+    assert calibrate_boxes(stage1_dir, items[:2], gain, judge=one_more_on_the_second).max_boxes == 2
+    calls.clear()
+    small = gain.model_copy(update={"min_gain": 0.5})  # one item of two is not more than half of them
+    chosen = calibrate_boxes(stage1_dir, items[:2], small, judge=one_more_on_the_second)
+    assert chosen.right == {"0.1/1": 1, "0.2/2": 2} and chosen.max_boxes == 1
+
+    def unparsable(question: str, ground_truth: str, answer_a: str, answer_b: str) -> tuple[bool, bool]:
+        raise ValueError("no verdict in the reply")
+
+    config = BoxConfig(candidates=[(0.2, 3), (0.1, 1)], **BOX_RUNTIME)
+    assert calibrate_boxes(stage1_dir, items[:2], config, judge=always_right).max_boxes == 3
+    chosen = calibrate_boxes(stage1_dir, items[:2], config, judge=unparsable)  # counted wrong, for both alike
+    assert chosen.right == {"0.2/3": 0, "0.1/1": 0} and chosen.max_boxes == 3
+
+
+def test_train_boxes_command(stage1_dir, items, tmp_path):
+    model = tmp_path / "model"
+    shutil.copytree(stage1_dir, model, ignore=shutil.ignore_patterns("trainer"))
+    data = write_jsonl(tmp_path / "data", items[:2], [item.answer for item in items[:2]])
+    budget = ["--min-pixels", str(MIN_PIXELS), "--max-pixels", str(MAX_PIXELS), "--max-new-tokens", "2"]
+    runner = CliRunner()
+    args = ["train", "boxes", str(model), "--data", str(data), "--candidates", "0.1:1,0.3:2", *budget]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    config_json = json.loads((model / "config.json").read_text())
+    assert f"roi_thresh {config_json['roi_thresh']:g}, {config_json['max_boxes']} box(es)" in result.stdout
+    assert set(json.loads(result.stdout.splitlines()[-1])) == {"0.1/1", "0.3/2"}
+    for bad, message in [("0.1", "TAU:BOXES"), ("1.5:1", "τ_roi must lie in [0, 1]"), ("0.2:9", "boxes in 1..8")]:
+        result = runner.invoke(app, ["train", "boxes", str(model), "--data", str(data), "--candidates", bad])
+        assert result.exit_code == 2 and message in result.output, result.output
+    result = runner.invoke(app, ["train", "boxes", str(model)])
+    assert result.exit_code == 2 and "exactly one data source" in result.output

@@ -165,7 +165,7 @@ def build_mcp_server(
             if not runner.worker.engine.has_rpn:
                 raise ToolError("this checkpoint has no region proposer (SD-RPN); send zoom a box instead")
             image = runner.load(args.zoom_args(runner))
-            boxes_px, gate_score, heatmap = await runner.propose(image, args.query, max_boxes=args.max_boxes or 1)
+            boxes_px, gate_score, heatmap = await runner.propose(image, args.query, max_boxes=args.max_boxes)
             out = {
                 "boxes": [b.as_list() for b in boxes_px],
                 "image_wh": [image.width, image.height],

@@ -64,7 +64,7 @@ class ProposeArgs(_ImageQueryArgs):
     """Arguments of the `propose` tool: where in this image is what the question asks about?"""
 
     max_boxes: int | None = Field(
-        default=None, description=f"Boxes to return at most, 1 to {MAX_PROPOSED_BOXES}; null means 1"
+        default=None, description=f"Boxes to return at most, 1 to {MAX_PROPOSED_BOXES}; null: the model's own"
     )
 
     @model_validator(mode="after")

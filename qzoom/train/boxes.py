@@ -1,0 +1,162 @@
+"""Box settings of a trained checkpoint: τ_roi and boxes per zoom step, picked by the answers they lead to.
+
+Contract of :func:`calibrate_boxes` (``qzoom train boxes``): every candidate setting ``(τ_roi, boxes)`` of
+:attr:`BoxConfig.candidates` answers every item after one *forced* zoom step through the engine's own steps
+(prepare, encode, prefill, propose, zoom, finish, decode: exactly the inference path, gate bypassed), and a judge
+scores each answer against the item's reference answer. The candidates are taken in order, the paper's setting
+first: a later one replaces the choice so far only when it answers more than ``min_gain`` of the items more right,
+so that a difference within the noise of a few items keeps the setting nearer the paper. :func:`write_box_settings`
+records the choice in the checkpoint's ``config.json`` (``roi_thresh``, ``max_boxes``, and every candidate's score in
+``qzoom_training``), from where the engine takes its defaults; a request's own ``roi_thresh`` / ``max_boxes`` still
+override them.
+
+Only the reference *answers* are read, never a box of the data: like Stage 1, this stays self-supervised.
+
+Why it exists: the paper's proposal is one box around every cell above τ_roi. A map that lights the target and a few
+look-alikes beside it (the demo model's SD-RPN finds plates better than it picks the named one) then gives one box
+over most of the image, and the crop is re-encoded at the coarse budget again. One box per connected component at a
+higher threshold crops each candidate tightly and lets the answer pass pick among them. Which setting is better
+depends on the checkpoint, so it is measured, not assumed; on a checkpoint where the paper's box wins, it stays.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from tqdm.auto import tqdm
+
+from qzoom.train.common import TrainingError, TrainItem, check_device, items_fingerprint, make_engine, new_states
+from qzoom.train.labels import Judge, exact_match_judge
+
+# The paper's box first (τ_roi 0.1, the official default; one box), then components at higher thresholds.
+DEFAULT_CANDIDATES: tuple[tuple[float, int], ...] = ((0.1, 1), (0.2, 2), (0.3, 2), (0.2, 3), (0.3, 3))
+
+
+class BoxConfig(BaseModel):
+    """What :func:`calibrate_boxes` tries and how it runs the model."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    candidates: list[tuple[float, int]] = Field(
+        default_factory=lambda: list(DEFAULT_CANDIDATES),
+        min_length=1,
+        description="(τ_roi, boxes per step) pairs in order of preference, the paper's first (see min_gain)",
+    )
+    min_gain: float = Field(
+        0.03, ge=0.0, le=1.0, description="share of the items a later candidate must answer better to be chosen"
+    )
+    batch_size: int = Field(8, ge=1, description="items answered together")
+    max_new_tokens: int = Field(32, ge=1, le=1024, description="answer length limit")
+    min_pixels: int | None = Field(None, ge=784, description="lower pixel budget of each view (default: checkpoint)")
+    max_pixels: int | None = Field(None, ge=784, description="upper pixel budget of each view (default: checkpoint)")
+    device: str = Field("cpu", description="cpu, cuda, cuda:1, ...")
+    progress: bool = Field(True, description="a tqdm progress bar on stderr")
+
+    @field_validator("candidates")
+    @classmethod
+    def _in_range(cls, candidates: list[tuple[float, int]]) -> list[tuple[float, int]]:
+        for thresh, boxes in candidates:
+            if not 0.0 <= thresh <= 1.0 or not 1 <= boxes <= 8:
+                raise ValueError(f"candidate {thresh:g}:{boxes}: τ_roi must lie in [0, 1] and boxes in 1..8")
+        return candidates
+
+
+class BoxCalibration(BaseModel):
+    """Every candidate's number of right answers on the same items, and the chosen setting."""
+
+    roi_thresh: float
+    max_boxes: int
+    items: int
+    right: dict[str, int]  # "τ_roi/boxes" -> right answers
+    data: str  # fingerprint of the items
+
+    def as_record(self) -> dict[str, Any]:
+        return {"stage": "boxes", **self.model_dump()}
+
+
+def _key(thresh: float, boxes: int) -> str:
+    return f"{thresh:g}/{boxes}"
+
+
+def calibrate_boxes(
+    model_dir: str | Path,
+    items: Sequence[TrainItem],
+    config: BoxConfig | None = None,
+    *,
+    judge: Judge = exact_match_judge,
+) -> BoxCalibration:
+    """Score each candidate by forced-zoom answers on ``items`` and pick the best (see the module docstring)."""
+    from qzoom.checkpoint import load_model
+    from qzoom.offline import load_processor
+    from qzoom.schemas import AskOptions
+
+    config = config or BoxConfig()
+    if not items:
+        raise TrainingError("box calibration needs at least one item with a reference answer")
+    directory = Path(model_dir)
+    if not (directory / "config.json").is_file():
+        raise TrainingError(f"model directory {directory} holds no config.json (expected an HF checkpoint directory)")
+    check_device(config.device)
+    model = load_model(directory, device=config.device)
+    # The engine's in-process feature cache serves every candidate after the first the same coarse view.
+    engine = make_engine(model, load_processor(directory))
+    if not engine.has_rpn:
+        raise TrainingError(f"{directory} has no SD-RPN (twig layers): there are no boxes to calibrate")
+
+    right: dict[str, int] = {}
+    bar = tqdm(total=len(items) * len(config.candidates), desc="boxes", unit="item", disable=not config.progress)
+    with torch.inference_mode():
+        for thresh, boxes in config.candidates:
+            options = AskOptions(
+                roi_thresh=thresh,
+                max_boxes=boxes,
+                force_zoom=True,
+                min_pixels=config.min_pixels,
+                max_pixels=config.max_pixels,
+                max_new_tokens=config.max_new_tokens,
+            )
+            count = 0
+            for start in range(0, len(items), config.batch_size):
+                batch = list(items[start : start + config.batch_size])
+                states = new_states(engine, batch, options)
+                engine.prepare(states)
+                engine.encode(states)
+                engine.prefill(states)
+                engine.zoom(states, engine.propose(states))
+                engine.finish(states)
+                engine.decode(states)
+                for item, st in zip(batch, states, strict=True):
+                    # An unparsable judge reply counts as wrong, for every candidate alike.
+                    with contextlib.suppress(ValueError):
+                        count += judge(item.question, item.answer, st.answer, st.answer)[0]
+                bar.update(len(batch))
+            right[_key(thresh, boxes)] = count
+            bar.set_postfix({_key(thresh, boxes): count})
+    bar.close()
+    best = config.candidates[0]
+    for candidate in config.candidates[1:]:
+        if right[_key(*candidate)] > right[_key(*best)] + config.min_gain * len(items):
+            best = candidate
+    return BoxCalibration(
+        roi_thresh=best[0], max_boxes=best[1], items=len(items), right=right, data=items_fingerprint(items)
+    )
+
+
+def write_box_settings(model_dir: str | Path, calibration: BoxCalibration) -> Path:
+    """Record the chosen ``roi_thresh`` and ``max_boxes`` (and the scores) in ``model_dir/config.json``."""
+    path = Path(model_dir) / "config.json"
+    config = json.loads(path.read_text(encoding="utf-8"))
+    config["roi_thresh"] = calibration.roi_thresh
+    config["max_boxes"] = calibration.max_boxes
+    history = [e for e in config.get("qzoom_training") or [] if e.get("stage") != "boxes"]
+    config["qzoom_training"] = [*history, calibration.as_record()]
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    tmp.replace(path)
+    return path
