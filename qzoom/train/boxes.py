@@ -17,6 +17,9 @@ look-alikes beside it (the demo model's SD-RPN finds plates better than it picks
 over most of the image, and the crop is re-encoded at the coarse budget again. One box per connected component at a
 higher threshold crops each candidate tightly and lets the answer pass pick among them. Which setting is better
 depends on the checkpoint, so it is measured, not assumed; on a checkpoint where the paper's box wins, it stays.
+Forced zoom on the questions that need it does not see what tight boxes cost on the other questions the gate zooms
+on: measure the gated pipeline on held-out items before shipping a choice (on the demo model the gain on train items
+did not carry to the test split, and zoomed count questions lost; README "The demo model").
 """
 
 from __future__ import annotations
