@@ -69,6 +69,7 @@ __all__ = [
     "ZOOM_TOOL_DESCRIPTION",
     "ZOOM_TOOL_NAME",
     "HeatmapSummary",
+    "ImageSourceArgs",
     "ZoomArgs",
     "ZoomBox",
     "ZoomResult",
@@ -183,8 +184,11 @@ class ZoomBox(BaseModel):
         return to_original(self.coords, self.frame, image_wh, self.resized_wh)
 
 
-class ZoomArgs(BaseModel):
-    """Arguments of the `zoom` tool."""
+class ImageSourceArgs(BaseModel):
+    """The image of a tool call, from exactly one of three sources (the subclass checks that only one is given).
+
+    The fields of every image tool (`zoom`, `gate`, `propose`), declared once so that they read alike everywhere.
+    """
 
     model_config = _STRICT_MODEL
 
@@ -198,6 +202,11 @@ class ZoomArgs(BaseModel):
     image_path: str | None = Field(
         default=None, description="Path of a local image file; accepted only by the local stdio server (qzoom mcp)"
     )
+
+
+class ZoomArgs(ImageSourceArgs):
+    """Arguments of the `zoom` tool."""
+
     box: ZoomBox | None = Field(
         default=None, description="The region to zoom into; null to let the region proposer choose it for `query`"
     )
@@ -218,7 +227,7 @@ class ZoomArgs(BaseModel):
 
     @model_validator(mode="after")
     def _check(self, info: ValidationInfo) -> Self:
-        given = [n for n in ("image_id", "image_data", "image_path") if getattr(self, n) is not None]
+        given = [n for n in ImageSourceArgs.model_fields if getattr(self, n) is not None]
         if len(given) != 1:
             raise ValueError(
                 f"give exactly one of image_id, image_data (base64 or data URL) or image_path; got {given or 'none'}"

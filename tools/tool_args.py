@@ -1,8 +1,9 @@
 """Arguments of the `gate` and `propose` tools, and the one formatter of argument errors for every tool front end.
 
-No torch, no PIL. Like `ZoomArgs` (tools/schema.py) the models are strict-mode shaped (every property required,
-optional ones nullable, no extra keys) and take the image from exactly one of ``image_id``, ``image_data`` or
-``image_path``; that check is delegated to `ZoomArgs` itself (`zoom_args`), so the three tools accept images alike.
+No torch, no PIL. Like `ZoomArgs` (tools/schema.py), whose image fields they share (`ImageSourceArgs`), the models
+are strict-mode shaped (every property required, optional ones nullable, no extra keys) and take the image from
+exactly one of ``image_id``, ``image_data`` or ``image_path``; that check is delegated to `ZoomArgs` itself
+(`zoom_args`), so the three tools accept images alike.
 
 `describe_validation_error` turns a pydantic `ValidationError` into the text a model reads: one line per problem,
 ``field: what is wrong``, and for an unknown or missing field the list of accepted fields.
@@ -12,9 +13,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Self
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, Field, ValidationError, model_validator
 
-from .schema import ZoomArgs, _strict_object_schema
+from .schema import ImageSourceArgs, ZoomArgs
 
 if TYPE_CHECKING:
     from qzoom.agent.tool import ZoomToolRunner
@@ -22,25 +23,12 @@ if TYPE_CHECKING:
 __all__ = ["MAX_PROPOSED_BOXES", "GateArgs", "ProposeArgs", "describe_validation_error"]
 
 MAX_PROPOSED_BOXES = 8  # AskOptions.max_boxes' upper bound
-_IMAGE_FIELDS = ("image_id", "image_data", "image_path")
-_STRICT = ConfigDict(extra="forbid", json_schema_extra=_strict_object_schema)
+_IMAGE_FIELDS = tuple(ImageSourceArgs.model_fields)
 
 
-class _ImageQueryArgs(BaseModel):
+class _ImageQueryArgs(ImageSourceArgs):
     """An image (one of three sources, as in `ZoomArgs`) and a question."""
 
-    model_config = _STRICT
-
-    image_id: str | None = Field(
-        default=None,
-        description="Id of an image already uploaded to the service (give one of image_id, image_data, image_path)",
-    )
-    image_data: str | None = Field(
-        default=None, description="The image as base64 bytes or a data URL 'data:image/png;base64,...'"
-    )
-    image_path: str | None = Field(
-        default=None, description="Path of a local image file; accepted only by the local stdio server (qzoom mcp)"
-    )
     query: str = Field(description="The question about the image")
 
     @model_validator(mode="after")
