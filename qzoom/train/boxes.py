@@ -34,7 +34,14 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from tqdm.auto import tqdm
 
-from qzoom.train.common import TrainingError, TrainItem, check_device, items_fingerprint, make_engine, new_states
+from qzoom.train.common import (
+    TrainingError,
+    TrainItem,
+    answer_batch,
+    check_device,
+    items_fingerprint,
+    make_engine,
+)
 from qzoom.train.labels import Judge, exact_match_judge
 
 # The paper's box first (τ_roi 0.1, the official default; one box), then components at higher thresholds.
@@ -127,17 +134,10 @@ def calibrate_boxes(
             count = 0
             for start in range(0, len(items), config.batch_size):
                 batch = list(items[start : start + config.batch_size])
-                states = new_states(engine, batch, options)
-                engine.prepare(states)
-                engine.encode(states)
-                engine.prefill(states)
-                engine.zoom(states, engine.propose(states))
-                engine.finish(states)
-                engine.decode(states)
-                for item, st in zip(batch, states, strict=True):
+                for item, answer in zip(batch, answer_batch(engine, batch, options, zoom=True), strict=True):
                     # An unparsable judge reply counts as wrong, for every candidate alike.
                     with contextlib.suppress(ValueError):
-                        count += judge(item.question, item.answer, st.answer, st.answer)[0]
+                        count += judge(item.question, item.answer, answer, answer)[0]
                 bar.update(len(batch))
             right[_key(thresh, boxes)] = count
             bar.set_postfix({_key(thresh, boxes): count})

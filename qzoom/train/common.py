@@ -617,12 +617,17 @@ def new_states(engine: QZoomEngine, items: Sequence[TrainItem], options: AskOpti
     return states
 
 
-def answer_batch(engine: QZoomEngine, items: Sequence[TrainItem], options: AskOptions) -> list[str]:
-    """The frozen model's greedy answers on the coarse view alone (no gate, no zoom)."""
+def answer_batch(
+    engine: QZoomEngine, items: Sequence[TrainItem], options: AskOptions, *, zoom: bool = False
+) -> list[str]:
+    """The frozen model's greedy answers on the coarse view alone (no gate, no zoom), or with ``zoom`` after one SD-RPN
+    zoom step on every item (the gate bypassed; an item with no cell above τ_roi keeps its coarse view)."""
     states = new_states(engine, items, options)
     engine.prepare(states)
     engine.encode(states)
     engine.prefill(states)
+    if zoom:
+        engine.zoom(states, engine.propose(states))
     engine.finish(states)
     engine.decode(states)
     return [st.answer for st in states]
