@@ -22,6 +22,7 @@ import typer
 
 if TYPE_CHECKING:
     from qzoom.settings import Settings
+    from qzoom.train.labels import Judge
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Query-aware zooming for multimodal LLMs (Q-Zoom).")
 bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks that print ratios measured side by side in one run.")
@@ -360,6 +361,26 @@ TrainTokens = Annotated[int, typer.Option(min=1, max=1024, help="answer length l
 TrainMineBatch = Annotated[int, typer.Option(min=1, help="samples per batch while the frozen model answers")]
 
 
+def _check_judge(judge: str, judge_model: Path | None) -> None:
+    if judge not in ("auto", "exact", "llm"):
+        _fail(f"--judge takes auto, exact or llm; got {judge!r}")
+    if judge == "llm" and judge_model is None:
+        _fail("--judge llm needs --judge-model DIR (a chat checkpoint, e.g. Qwen2.5-VL-7B-Instruct)")
+
+
+def _make_judge(judge: str, judge_model: Path | None, device: str, *, synthetic: bool) -> Judge:
+    """--judge as a Judge: the LLM judge, else the synthetic benchmark's scoring on --synthetic items (auto), else
+    exact match."""
+    from qzoom.train.labels import exact_match_judge, llm_judge
+    from qzoom.train.stage2 import hf_chat_generate, synthetic_judge
+
+    if judge == "llm" and judge_model is not None:
+        return llm_judge(hf_chat_generate(judge_model, device=device))
+    if judge == "auto" and synthetic:
+        return synthetic_judge
+    return exact_match_judge
+
+
 def _train_run(stage: str, config_cls: type, build: Callable[[Any], Path], **fields: Any) -> None:
     """Validate the options into the stage's config, run it, report where the checkpoint is and what it did."""
     import json
@@ -472,21 +493,13 @@ def train_stage2_cmd(
 ) -> None:
     """Stage 2: mine regressions (coarse right, zoomed wrong) and post-SFT the decoder layers + lm_head on them."""
     from qzoom.train.common import SyntheticItems, data_source
-    from qzoom.train.labels import Judge, exact_match_judge, llm_judge
-    from qzoom.train.stage2 import Stage2Config, hf_chat_generate, synthetic_judge, train_stage2
+    from qzoom.train.stage2 import Stage2Config, train_stage2
 
-    if judge not in ("auto", "exact", "llm"):
-        _fail(f"--judge takes auto, exact or llm; got {judge!r}")
-    if judge == "llm" and judge_model is None:
-        _fail("--judge llm needs --judge-model DIR (a chat checkpoint, e.g. Qwen2.5-VL-7B-Instruct)")
+    _check_judge(judge, judge_model)
 
     def build(config: Any) -> Path:
         items = data_source(data, synthetic, seed=data_seed, min_side=min_side, max_side=max_side)
-        chosen: Judge = exact_match_judge
-        if judge == "llm" and judge_model is not None:
-            chosen = llm_judge(hf_chat_generate(judge_model, device=device))
-        elif judge == "auto" and isinstance(items, SyntheticItems):
-            chosen = synthetic_judge
+        chosen = _make_judge(judge, judge_model, device, synthetic=isinstance(items, SyntheticItems))
         return train_stage2(model, items, out, config, judge=chosen)
 
     _train_run(
@@ -592,16 +605,9 @@ def train_boxes_cmd(
     from qzoom.evals.synthetic import DETAIL_FAMILIES
     from qzoom.images import ImageError
     from qzoom.train.boxes import BoxConfig, calibrate_boxes, write_box_settings
-    from qzoom.train.common import JsonlItems, SyntheticItems, TrainingError, TrainItem
-    from qzoom.train.labels import Judge, exact_match_judge, llm_judge
-    from qzoom.train.stage2 import hf_chat_generate, synthetic_judge
+    from qzoom.train.common import SyntheticItems, TrainingError, data_source
 
-    if judge not in ("auto", "exact", "llm"):
-        _fail(f"--judge takes auto, exact or llm; got {judge!r}")
-    if judge == "llm" and judge_model is None:
-        _fail("--judge llm needs --judge-model DIR (a chat checkpoint, e.g. Qwen2.5-VL-7B-Instruct)")
-    if (data is None) == (synthetic is None):
-        _fail("give exactly one data source: --data FILE.jsonl or --synthetic N")
+    _check_judge(judge, judge_model)
     try:
         pairs = [(float(t), int(b)) for t, b in (c.split(":") for c in candidates.split(","))]
     except ValueError:
@@ -612,18 +618,9 @@ def train_boxes_cmd(
             candidates=pairs, min_gain=min_gain, batch_size=batch_size, max_new_tokens=max_new_tokens,
             min_pixels=min_pixels, max_pixels=max_pixels, device=device,
         )  # fmt: skip
-        items: Sequence[TrainItem]
-        if synthetic is not None:
-            families = tuple(sorted(DETAIL_FAMILIES))
-            items = SyntheticItems(synthetic, seed=data_seed, families=families, min_side=min_side, max_side=max_side)
-        else:
-            assert data is not None
-            items = JsonlItems(data)
-        chosen_judge: Judge = exact_match_judge
-        if judge == "llm" and judge_model is not None:
-            chosen_judge = llm_judge(hf_chat_generate(judge_model, device=device))
-        elif judge == "auto" and synthetic is not None:
-            chosen_judge = synthetic_judge
+        families = tuple(sorted(DETAIL_FAMILIES))
+        items = data_source(data, synthetic, seed=data_seed, families=families, min_side=min_side, max_side=max_side)
+        chosen_judge = _make_judge(judge, judge_model, device, synthetic=isinstance(items, SyntheticItems))
         chosen = calibrate_boxes(model, items, config, judge=chosen_judge)
         write_box_settings(model, chosen)
     except ValidationError as err:

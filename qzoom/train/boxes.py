@@ -38,8 +38,9 @@ from qzoom.train.common import (
     TrainingError,
     TrainItem,
     answer_batch,
-    check_device,
+    atomic_write_text,
     items_fingerprint,
+    load_frozen,
     make_engine,
 )
 from qzoom.train.labels import Judge, exact_match_judge
@@ -102,22 +103,15 @@ def calibrate_boxes(
     judge: Judge = exact_match_judge,
 ) -> BoxCalibration:
     """Score each candidate by forced-zoom answers on ``items`` and pick the best (see the module docstring)."""
-    from qzoom.checkpoint import load_model
-    from qzoom.offline import load_processor
     from qzoom.schemas import AskOptions
 
     config = config or BoxConfig()
     if not items:
         raise TrainingError("box calibration needs at least one item with a reference answer")
-    directory = Path(model_dir)
-    if not (directory / "config.json").is_file():
-        raise TrainingError(f"model directory {directory} holds no config.json (expected an HF checkpoint directory)")
-    check_device(config.device)
-    model = load_model(directory, device=config.device)
     # The engine's in-process feature cache serves every candidate after the first the same coarse view.
-    engine = make_engine(model, load_processor(directory))
+    engine = make_engine(*load_frozen(model_dir, config.device))
     if not engine.has_rpn:
-        raise TrainingError(f"{directory} has no SD-RPN (twig layers): there are no boxes to calibrate")
+        raise TrainingError(f"{model_dir} has no SD-RPN (twig layers): there are no boxes to calibrate")
 
     right: dict[str, int] = {}
     bar = tqdm(total=len(items) * len(config.candidates), desc="boxes", unit="item", disable=not config.progress)
@@ -159,7 +153,5 @@ def write_box_settings(model_dir: str | Path, calibration: BoxCalibration) -> Pa
     config["max_boxes"] = calibration.max_boxes
     history = [e for e in config.get("qzoom_training") or [] if e.get("stage") != "boxes"]
     config["qzoom_training"] = [*history, calibration.as_record()]
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    tmp.replace(path)
+    atomic_write_text(path, json.dumps(config, indent=2, sort_keys=True) + "\n")
     return path

@@ -219,16 +219,18 @@ def data_source(
     *,
     seed: int = 0,
     split: str = "train",
+    families: Sequence[str] | None = None,
     min_side: int = 896,
     max_side: int = 4096,
 ) -> JsonlItems | SyntheticItems:
-    """Exactly one of a JSONL file (`data`) or `synthetic` items of the benchmark's `split` (the commands' sources)."""
+    """Exactly one of a JSONL file (`data`) or `synthetic` items of the benchmark's `split` (the commands' sources),
+    the synthetic ones of `families` only when given."""
     if (data is None) == (synthetic is None):
         raise TrainingError("give exactly one data source: --data FILE.jsonl or --synthetic N")
     if data is not None:
         return JsonlItems(data)
     assert synthetic is not None
-    return SyntheticItems(synthetic, split=split, seed=seed, min_side=min_side, max_side=max_side)
+    return SyntheticItems(synthetic, split=split, seed=seed, families=families, min_side=min_side, max_side=max_side)
 
 
 def items_fingerprint(items: Sequence[TrainItem] | JsonlItems | SyntheticItems) -> str:
@@ -311,14 +313,22 @@ def load_for_training(
     model_dir: str | Path, config: TrainConfig
 ) -> tuple[QZoomQwen2_5_VLForConditionalGeneration, OfflineQwen2_5_VLProcessor]:
     """The checkpoint and its processor on the configured device, every parameter frozen (stages unfreeze theirs)."""
-    check_device(config.device)
+    return load_frozen(model_dir, config.device, config.torch_dtype())
+
+
+def load_frozen(
+    model_dir: str | Path, device: str, dtype: torch.dtype | None = None
+) -> tuple[QZoomQwen2_5_VLForConditionalGeneration, OfflineQwen2_5_VLProcessor]:
+    """A checkpoint directory and its processor on ``device``, every parameter frozen; a clear error for a directory
+    without config.json or a device this machine lacks."""
+    check_device(device)
     directory = Path(model_dir)
     if not (directory / "config.json").is_file():
         raise TrainingError(f"model directory {directory} holds no config.json (expected an HF checkpoint directory)")
-    if torch.device(config.device).type == "cuda":
+    if torch.device(device).type == "cuda":
         # TF32 matmuls for the frozen float32 parts (mining); trained parts run under bf16 autocast anyway.
         torch.backends.cuda.matmul.allow_tf32 = True
-    model = load_model(directory, device=config.device, dtype=config.torch_dtype())
+    model = load_model(directory, device=device, dtype=dtype)
     model.requires_grad_(False)
     return model, load_processor(directory)
 
@@ -356,7 +366,8 @@ def record_training(model: QZoomQwen2_5_VLForConditionalGeneration, entry: dict[
 # The run directory
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file and a rename: a reader never sees half a file."""
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
@@ -400,7 +411,7 @@ class RunDir:
         return bool(self.state.get("done"))
 
     def _write_state(self) -> None:
-        _atomic_write_text(self.dir / "state.json", json.dumps(self.state, indent=1))
+        atomic_write_text(self.dir / "state.json", json.dumps(self.state, indent=1))
 
     def path(self, name: str) -> Path:
         return self.dir / name
@@ -427,7 +438,7 @@ class RunDir:
             os.fsync(fh.fileno())
 
     def save_json(self, name: str, value: Any) -> None:
-        _atomic_write_text(self.path(name), json.dumps(value, indent=1))
+        atomic_write_text(self.path(name), json.dumps(value, indent=1))
 
     def load_json(self, name: str) -> Any:
         path = self.path(name)
