@@ -528,7 +528,11 @@ def train_stage3_cmd(
     p_refine: Annotated[float, typer.Option(help="P(draw a 'needs zoom' step) on a transition")] = 0.9,
     max_samples: Annotated[int, typer.Option(min=1, help="ladders kept after filtering")] = 20000,
     high_res_thresh: Annotated[
-        float | None, typer.Option(min=0.0, max=1.0, help="gate threshold to write into OUT (default: keep)")
+        str | None,
+        typer.Option(
+            help="gate threshold to write into OUT: a number in (0, 1), or 'youden' (chosen on the training "
+            "examples after training); default: keep the model's"
+        ),
     ] = None,
     high_res_k: Annotated[int | None, typer.Option("--high-res-k", min=1, help="gate branch point (new gate)")] = None,
     high_res_t: Annotated[int | None, typer.Option("--high-res-t", min=1, help="gate depth (new gate)")] = None,
@@ -554,6 +558,14 @@ def train_stage3_cmd(
         budgets = [int(b) for b in ladder.split(",")]
     except ValueError:
         _fail(f"--ladder takes comma-separated token budgets such as 64,128,256,576,1024; got {ladder!r}")
+    thresh: float | str | None = high_res_thresh
+    if high_res_thresh is not None and high_res_thresh != "youden":
+        try:
+            thresh = float(high_res_thresh)
+        except ValueError:
+            thresh = -1.0
+        if not 0.0 < thresh < 1.0:
+            _fail(f"--high-res-thresh takes a number in (0, 1) or 'youden'; got {high_res_thresh!r}")
 
     def build(config: Any) -> Path:
         items = data_source(data, synthetic, seed=data_seed, min_side=min_side, max_side=max_side)
@@ -561,7 +573,7 @@ def train_stage3_cmd(
 
     _train_run(
         "stage 3", Stage3Config, build, ladder=budgets, signal=signal, pool=pool, p_refine=p_refine,
-        max_samples=max_samples, high_res_thresh=high_res_thresh,
+        max_samples=max_samples, high_res_thresh=thresh,
         high_res_K=high_res_k, high_res_T=high_res_t, lr=lr, batch_size=batch_size, epochs=epochs,
         max_steps=max_steps, seed=seed, save_every=save_every, device=device, dtype=dtype,
         max_new_tokens=max_new_tokens, mine_batch_size=mine_batch_size,

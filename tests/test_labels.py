@@ -32,6 +32,7 @@ from qzoom.train.labels import (
     prediction_vs_gt_label,
     select_heads_by_localisation,
     stage1_labels,
+    youden_threshold,
 )
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -509,6 +510,35 @@ def test_prediction_vs_gt_follows_the_reference_rng():
     for _ in range(100):
         i = ref.choice(range(3))
         assert prediction_vs_gt_label(s, mine) == (BUDGETS[i], int(i == 1))
+
+
+def test_youden_threshold_splits_between_the_classes():
+    # Separable: the threshold falls midway between the highest negative and the lowest positive.
+    t = youden_threshold([0.1, 0.3, 0.6, 0.9], [0, 0, 1, 1])
+    assert t is not None and t.value == pytest.approx(0.45) and (t.tpr, t.fpr) == (1.0, 0.0) and t.youden_j == 1.0
+    # Overlapping (the negative 0.7 sits among the positives): firing from 0.35 catches every positive and one
+    # negative in four (J = 0.75); from 0.25 two negatives (J = 0.5), from 0.75 half the positives (J = 0.5).
+    t = youden_threshold([0.1, 0.2, 0.3, 0.7, 0.4, 0.6, 0.8, 0.9], [0, 0, 0, 0, 1, 1, 1, 1])
+    assert t is not None and t.value == pytest.approx(0.35) and (t.tpr, t.fpr) == (1.0, 0.25)
+    assert (t.positives, t.negatives) == (4, 4)
+
+
+def test_youden_threshold_ties_go_to_the_lower_threshold():
+    # 0.3 and 0.8 both give J = 0.5; the lower one zooms more, which costs time rather than answers.
+    t = youden_threshold([0.2, 0.7, 0.4, 0.9], [0, 0, 1, 1])
+    assert t is not None and t.value == pytest.approx(0.3) and t.youden_j == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize(("scores", "labels"), [([0.2, 0.8], [1, 1]), ([0.2, 0.8], [0, 0]), ([0.5, 0.5], [0, 1])])
+def test_youden_threshold_needs_two_classes_and_two_scores(scores, labels):
+    assert youden_threshold(scores, labels) is None
+
+
+def test_youden_threshold_rejects_bad_input():
+    with pytest.raises(ValueError, match="labels"):
+        youden_threshold([0.1, 0.2], [0])
+    with pytest.raises(ValueError, match=r"0 \(the view was enough\)"):
+        youden_threshold([0.1, 0.2], [0, -100])
 
 
 def test_gate_label_is_reproducible_and_follows_reference_rng_order():

@@ -25,7 +25,12 @@ from qzoom.schemas import AskOptions
 from qzoom.train import stage1 as stage1_module
 from qzoom.train.boxes import BoxConfig, calibrate_boxes, write_box_settings
 from qzoom.train.common import RunDir, SyntheticItems, TrainConfig, TrainingError, fit
-from qzoom.train.labels import answer_to_image_attention_per_head, exact_match_judge
+from qzoom.train.labels import (
+    answer_right,
+    answer_to_image_attention_per_head,
+    exact_match_judge,
+    youden_threshold,
+)
 from qzoom.train.stage1 import Heads, Stage1Config, answer_attention, pseudo_labels, train_stage1
 from qzoom.train.stage2 import Stage2Config, fused_states, mine_regressions, stage2_loss, target_ids, train_stage2
 from qzoom.train.stage3 import Stage3Config, gate_examples, train_stage3
@@ -412,6 +417,51 @@ def test_stage3_prediction_vs_gt_writes_its_threshold(tmp_path):
     assert QZoomEngine.from_pretrained(out).settings.high_res_thresh == 0.5
 
 
+def test_stage3_youden_threshold_separates_the_gate_scores_the_engine_gives(base_dir, tmp_path):
+    # The run serves (and calibrates) at 4 tokens. Half the items take the model's own answer there as GT (right),
+    # the other half an answer it never gives (wrong): both classes, by design.
+    pool = SyntheticItems(6, min_side=256, max_side=256)
+    own = top_budget_answers(base_dir, pool, tokens=4)
+    assert all(own)
+    items = [dataclasses.replace(item, answer=own[i] if i % 2 == 0 else "qqqq") for i, item in enumerate(pool)]
+    config = Stage3Config(
+        ladder=[4, 101, 110], signal="prediction_vs_gt", pool="all", high_res_thresh="youden", max_new_tokens=2,
+        min_pixels=4 * 784, max_pixels=4 * 784, batch_size=2, max_steps=2, lr=1e-3, progress=False,
+    )  # fmt: skip
+    out = train_stage3(base_dir, items, tmp_path / "out", config)
+    chosen = json.loads((out / "trainer" / "state.json").read_text())["summary"]["threshold"]
+    engine = QZoomEngine.from_pretrained(out)
+    assert chosen["rule"] == "youden" and engine.settings.high_res_thresh == chosen["value"]
+    assert (chosen["positives"], chosen["negatives"]) == (3, 3)
+    # The scores it was chosen on are the trained gate's at inference: recompute them, and the answers, afresh.
+    opts = AskOptions(min_pixels=4 * 784, max_pixels=4 * 784, max_new_tokens=2)
+    states = [engine.new_state(item.image, item.question, opts) for item in items]
+    engine.prepare(states)
+    engine.encode(states)
+    engine.prefill(states)
+    scores = engine.gate(states)
+    engine.finish(states)
+    engine.decode(states)
+    labels = [0 if answer_right(st.answer, item.answer) else 1 for st, item in zip(states, items, strict=True)]
+    assert labels == [0, 1, 0, 1, 0, 1]
+    expected = youden_threshold(scores, labels)
+    assert expected is not None and chosen["value"] == pytest.approx(expected.value, abs=1e-4)
+    assert (chosen["tpr"], chosen["fpr"]) == (round(expected.tpr, 4), round(expected.fpr, 4))
+
+
+def test_stage3_youden_keeps_the_threshold_when_every_label_is_the_same(base_dir, tmp_path):
+    pool = SyntheticItems(4, min_side=256, max_side=256)  # the random model answers all of them wrong: labels all 1
+    config = Stage3Config(
+        ladder=[4, 101, 110], signal="prediction_vs_gt", pool="all", high_res_thresh="youden", max_new_tokens=2,
+        batch_size=2, max_steps=1, lr=1e-3, progress=False,
+    )  # fmt: skip
+    before = QZoomEngine.from_pretrained(base_dir).settings.high_res_thresh
+    out = train_stage3(base_dir, pool, tmp_path / "out", config)
+    chosen = json.loads((out / "trainer" / "state.json").read_text())["summary"]["threshold"]
+    assert chosen["value"] is None and "all wrong" in chosen["why"]
+    assert QZoomEngine.from_pretrained(out).settings.high_res_thresh == before
+
+
 # -- the commands ------------------------------------------------------------------------------------------------------
 
 
@@ -482,7 +532,8 @@ def test_train_command_errors_name_the_problem(base_dir, tmp_path, args, message
     [
         (["--signal", "majority"], "consistency"),  # the accepted values are named
         (["--pool", "half"], "matched"),
-        (["--high-res-thresh", "1.5"], "high-res-thresh"),
+        (["--high-res-thresh", "1.5"], "'youden'"),
+        (["--high-res-thresh", "best"], "'youden'"),
     ],
 )
 def test_stage3_option_errors_name_the_accepted_values(base_dir, tmp_path, args, message):

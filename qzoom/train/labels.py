@@ -21,6 +21,8 @@ Stage 3, gate labels (§5.2)
     ``create_high_res_signal`` (``DQ:1175-1253``), both driven by an explicit :class:`random.Random` so runs are
     reproducible (the reference uses the unseeded global RNG); :func:`prediction_vs_gt_label` is the reference's
     ablation strategy (``DQ:1142-1173``), the label from the answer at a low budget against GT.
+    :func:`youden_threshold` is not in the paper (it tunes τ_gate per benchmark): the gate threshold that best
+    separates a labelled set's gate scores (Youden's J).
 
 Stage 2, regression mining (§6)
     :data:`JUDGE_PROMPT` (our wording of the LLM-judge criteria), :func:`parse_judge_reply`, :func:`is_regression`.
@@ -51,6 +53,7 @@ __all__ = [
     "IGNORE_INDEX",
     "JUDGE_PROMPT",
     "JUDGE_SYSTEM_PROMPT",
+    "GateThreshold",
     "HeadSelection",
     "Judge",
     "Ladder",
@@ -58,6 +61,7 @@ __all__ = [
     "LadderSample",
     "PoolResult",
     "Stage1Labels",
+    "answer_right",
     "answer_to_image_attention",
     "answer_to_image_attention_per_head",
     "answers_match",
@@ -74,6 +78,7 @@ __all__ = [
     "parse_judge_reply",
     "select_heads_by_localisation",
     "stage1_labels",
+    "youden_threshold",
 ]
 
 IGNORE_INDEX = -100
@@ -739,10 +744,57 @@ def prediction_vs_gt_label(sample: Ladder, rng: random.Random) -> tuple[int, int
     if not res:
         return 0, IGNORE_INDEX
     index = rng.choice(range(prediction_vs_gt_range(len(res))))
-    pred = normalize_answer(sample.answers[index] or "")
-    gt = normalize_answer(sample.gt)
-    match = bool(pred and gt) and _contains_either(pred, gt)
-    return res[index], 0 if match else 1
+    return res[index], 0 if answer_right(sample.answers[index], sample.gt) else 1
+
+
+def answer_right(answer: str | None, gt: str) -> bool:
+    """Whether an answer counts as right against GT for the ``prediction_vs_gt`` gate labels: after
+    :func:`normalize_answer` either contains the other and neither is empty (as in ``DQ:1142-1173``)."""
+    pred, ref = normalize_answer(answer or ""), normalize_answer(gt)
+    return bool(pred and ref) and _contains_either(pred, ref)
+
+
+@dataclass(frozen=True)
+class GateThreshold:
+    """A gate threshold chosen on labelled scores: fire (zoom) when ``score >= value``."""
+
+    value: float
+    tpr: float  # share of the positives (label 1: the view was not enough) the gate fires on at ``value``
+    fpr: float  # share of the negatives it fires on
+    positives: int
+    negatives: int
+
+    @property
+    def youden_j(self) -> float:
+        return self.tpr - self.fpr
+
+
+def youden_threshold(scores: Sequence[float], labels: Sequence[int]) -> GateThreshold | None:
+    """The threshold on gate probabilities that maximises Youden's J = TPR - FPR on ``(score, label)`` pairs.
+
+    Candidates are the midpoints between consecutive distinct scores (each splits the set exactly where a value
+    between them would, and leaves the most room on either side for scores not seen here), so the result lies strictly
+    inside ``(0, 1)`` for probabilities. Ties in J go to the lowest candidate: when two thresholds separate the set
+    equally well, zooming more often costs time, skipping costs answers. None when the labels hold one class only
+    or every score is the same (nothing to separate).
+    """
+    if len(scores) != len(labels):
+        raise ValueError(f"{len(scores)} scores for {len(labels)} labels")
+    if any(label not in (0, 1) for label in labels):
+        raise ValueError("labels must be 0 (the view was enough) or 1 (it was not)")
+    positives = sum(labels)
+    negatives = len(labels) - positives
+    distinct = sorted(set(float(s) for s in scores))
+    if positives == 0 or negatives == 0 or len(distinct) < 2:
+        return None
+    best: GateThreshold | None = None
+    for low, high in itertools.pairwise(distinct):
+        value = (low + high) / 2
+        fired = [label for s, label in zip(scores, labels, strict=True) if s >= value]
+        tpr, fpr = sum(fired) / positives, (len(fired) - sum(fired)) / negatives
+        if best is None or tpr - fpr > best.youden_j:
+            best = GateThreshold(value=value, tpr=tpr, fpr=fpr, positives=positives, negatives=negatives)
+    return best
 
 
 # ---------------------------------------------------------------------------------------------------------------------

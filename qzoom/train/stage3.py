@@ -22,7 +22,11 @@ Contract of :func:`train_stage3`:
 3. **Training.** At the drawn budget the frozen layers below the branch point give the last prompt token's
    hidden state route; the gate layers run on it with gradients and ``high_res_head`` gives a logit (the same
    computation as ``engine.gate``: last prompt token, no final norm). BCE with the label.
-4. A model with an SD-RPN but no gate gets one first: ``high_res_layers`` copied from ``layers[K:K+T]`` (the
+4. **Threshold** (``config.high_res_thresh``): a number is written into the checkpoint as it is; ``"youden"``: every
+   item is answered once more on the coarse view as served, and the threshold that best separates the trained
+   gate's scores of the wrong answers from the right ones is written (:func:`choose_threshold`; not in the paper,
+   which tunes τ_gate per benchmark), recorded with its TPR and FPR in the run summary; None keeps the model's.
+5. A model with an SD-RPN but no gate gets one first: ``high_res_layers`` copied from ``layers[K:K+T]`` (the
    documented intent, spec §9.6), a fresh ``high_res_head``; ``high_res_K`` / ``high_res_T`` default to the twig's.
 """
 
@@ -32,7 +36,7 @@ import itertools
 import random
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -56,13 +60,16 @@ from qzoom.train.common import (
 )
 from qzoom.train.labels import (
     IGNORE_INDEX,
+    GateThreshold,
     LadderKind,
     LadderSample,
+    answer_right,
     cap_pool,
     filter_pool,
     gate_step_label,
     prediction_vs_gt_label,
     prediction_vs_gt_range,
+    youden_threshold,
 )
 
 LADDER_FILE = "stage3_ladders.jsonl"
@@ -85,8 +92,10 @@ class Stage3Config(TrainConfig):
     p_refine: float = Field(0.9, ge=0, le=1, description="probability of drawing a 'needs zoom' step on a transition")
     max_samples: int | None = Field(20000, ge=1, description="ladders kept after filtering (None: all)")
     strip_gt_punctuation: bool = False
-    high_res_thresh: float | None = Field(
-        None, gt=0, lt=1, description="gate decision threshold written into the checkpoint (None: keep the model's)"
+    high_res_thresh: Annotated[float, Field(gt=0, lt=1)] | Literal["youden"] | None = Field(
+        None,
+        description="gate decision threshold written into the checkpoint: a number in (0, 1); 'youden', chosen on "
+        "the training examples after training (youden_threshold); None keeps the model's",
     )
     high_res_K: int | None = Field(None, ge=1, description="gate branch point for a model without a gate (twig_K)")
     high_res_T: int | None = Field(None, ge=1, description="gate depth for a model without a gate (twig_T)")
@@ -188,6 +197,36 @@ def stage3_loss(
     return F.binary_cross_entropy_with_logits(logits.float(), labels)
 
 
+def choose_threshold(engine: QZoomEngine, items: Sequence[TrainItem], config: Stage3Config) -> GateThreshold | None:
+    """The threshold at which the trained gate best tells, on the coarse view as served (the pixel budget of
+    ``config.options()``: the checkpoint's unless the run sets one), the items the model answers wrong there from
+    those it answers right (:func:`~qzoom.train.labels.answer_right` against GT; Youden's J,
+    :func:`~qzoom.train.labels.youden_threshold`).
+
+    At the view the gate decides on, not at the ladder's budgets it was trained across: on the demo model the examples'
+    mixed budgets (a quarter of them at 64 tokens, where the coarse questions fail too) put the threshold at 0.89,
+    which would skip the pattern questions the gate is for. The gate's probability comes from the training path
+    (:func:`gate_logits`): the engine's prefix cache may hold gate outputs from before training. The gate has seen
+    these items, so its scores are a little surer than on new questions; the threshold is one number fitted on
+    hundreds.
+    """
+    scores: list[float] = []
+    labels: list[int] = []
+    options = config.options()
+    for start in range(0, len(items), config.mine_batch_size):
+        chunk = items[start : start + config.mine_batch_size]
+        states = new_states(engine, chunk, options)
+        engine.prepare(states)
+        engine.encode(states)
+        engine.prefill(states)
+        with torch.inference_mode(), config.autocast_context():
+            scores += gate_logits(engine, states).float().sigmoid().tolist()
+        engine.finish(states)
+        engine.decode(states)
+        labels += [0 if answer_right(st.answer, item.answer) else 1 for st, item in zip(states, chunk, strict=True)]
+    return youden_threshold(scores, labels)
+
+
 def train_stage3(
     model_dir: str | Path,
     items: Sequence[TrainItem],
@@ -239,9 +278,23 @@ def train_stage3(
         config,
         desc="stage 3 (gate)",
     )
-    if config.high_res_thresh is not None:
-        # What the gate's probability means depends on its labels (a consistency transition vs a wrong answer), so
-        # the stage that trains it may set the threshold it is read at.
+    summary: dict[str, Any] = {**counts, "steps": result.steps, "last_loss": result.last_loss, "lr": config.lr}
+    # What the gate's probability means depends on its labels (a consistency transition vs a wrong answer), so the
+    # stage that trains it may set the threshold it is read at.
+    if config.high_res_thresh == "youden":
+        chosen = choose_threshold(engine, items, config)
+        if chosen is None:
+            summary["threshold"] = {"rule": "youden", "value": None, "why": "the answers were all right or all wrong"}
+        else:
+            model.config.high_res_thresh = round(chosen.value, 4)
+            summary["threshold"] = {
+                "rule": "youden",
+                "value": model.config.high_res_thresh,
+                "tpr": round(chosen.tpr, 4),
+                "fpr": round(chosen.fpr, 4),
+                "positives": chosen.positives,
+                "negatives": chosen.negatives,
+            }
+    elif config.high_res_thresh is not None:
         model.config.high_res_thresh = config.high_res_thresh
-    summary = {**counts, "steps": result.steps, "last_loss": result.last_loss, "lr": config.lr}
     return run.finish(model, processor, summary)
