@@ -25,6 +25,8 @@ from qzoom.evals.demo import (
 from qzoom.evals.synthetic import (
     ANSWER_VOCAB,
     COLOURS,
+    DETAIL_FAMILIES,
+    POSITIONS,
     TEMPLATES,
     crop_box_around,
     crop_with_answer,
@@ -39,6 +41,7 @@ from qzoom.train.base import (
     READ_CLASSES,
     READ_GROUPS,
     READ_LOGITS,
+    REFERENTS,
     BaseRecipe,
     ExampleBuilder,
     GroundingProbe,
@@ -48,6 +51,7 @@ from qzoom.train.base import (
     _ground_phase_batch,
     _grounding_loss,
     _reading_loss,
+    _referent_loss,
     answer_drill,
     build_demo_model,
     coarse_reading_targets,
@@ -55,6 +59,8 @@ from qzoom.train.base import (
     model_inputs,
     pool_item,
     reading_drill,
+    referent_drill,
+    referent_of,
     train_base,
 )
 
@@ -74,6 +80,8 @@ MICRO = BaseRecipe(
     batch_size=2,
     mixed_batch_size=3,
     pool_size=3,
+    referent_steps=2,
+    referent_batch_size=2,
 )
 
 
@@ -476,6 +484,68 @@ def test_grounding_loss_is_the_log_share_of_image_attention_off_the_target():
     assert _grounding_loss([uniform, focused], batch, image_id).item() == pytest.approx(np.log(2.0) / 2, rel=1e-5)
     none = {**batch, "ground": torch.zeros_like(ground)}
     assert _grounding_loss([uniform], none, image_id).item() == 0.0
+
+
+@pytest.mark.parametrize("family", sorted(DETAIL_FAMILIES))
+def test_referent_is_the_colour_or_quadrant_the_question_names(family):
+    for colour in COLOURS:
+        for position in POSITIONS:
+            question = TEMPLATES[family].format(colour=colour, position=position)
+            named = position if family == "code_at" else colour
+            assert REFERENTS[referent_of(question)] == named
+    # Nothing named, or two names at once: no label.
+    assert referent_of(TEMPLATES["colour"]) is None
+    assert referent_of(TEMPLATES["count"]) is None
+    assert referent_of("Is the red frame left of the blue frame?") is None
+
+
+def test_examples_carry_the_referent_of_their_question_and_collate_keeps_it():
+    model, processor = build_demo_model(MICRO)
+    engine = QZoomEngine(model, processor)
+    builder = ExampleBuilder(engine, MICRO.min_pixels, MICRO.max_pixels)
+    detail = pool_item(generate_item("train", 5, families=("code_at",)), MICRO.min_pixels, MICRO.max_pixels, 448)
+    coarse = pool_item(generate_item("train", 6, families=("count",)), MICRO.min_pixels, MICRO.max_pixels, 448)
+    examples = [builder.coarse(detail), builder.coarse(coarse), builder.fused(detail, None)]
+    target = detail.item.scene.plates[detail.item.scene.target]
+    assert examples[0].referent == REFERENTS.index(POSITIONS[target.quadrant])
+    assert examples[1].referent is None
+    assert collate(examples, engine.pad_id)["referent"].tolist() == [examples[0].referent, -100, examples[0].referent]
+
+
+def test_referent_drills_ask_a_detail_question_about_a_blank_image():
+    rng = random.Random(0)
+    names = set()
+    for _ in range(60):
+        image, question, answer, family = referent_drill(rng)
+        assert image.size == (56, 56) and image.getcolors() == [(56 * 56, image.getpixel((0, 0)))]  # one grey
+        assert family in DETAIL_FAMILIES and answer in ANSWER_VOCAB[family]
+        assert question in {TEMPLATES[family].format(colour=c, position=p) for c in COLOURS for p in POSITIONS}
+        names.add(referent_of(question))
+    assert len(names) == len(REFERENTS)  # every colour and quadrant comes up
+
+
+def test_referent_loss_reads_the_answer_positions_of_samples_that_name_something():
+    # Two samples of 5 tokens; positions 2 and 3 predict the two answer tokens; the second sample names nothing.
+    labels = torch.full((2, 5), -100)
+    labels[:, 3:5] = 9
+    batch = {"labels": labels, "referent": torch.tensor([4, -100])}
+    hidden = torch.zeros(2, 5, 3)
+    hidden[0, 2:4] = torch.tensor([1.0, 0.0, 0.0])  # the rows the loss reads
+    hidden[0, 0:2] = torch.tensor([0.0, 1.0, 0.0])  # prompt rows: not read
+    head = torch.nn.Linear(3, len(REFERENTS), bias=False)
+    with torch.no_grad():
+        head.weight.zero_()
+        head.weight[4, 0] = 30.0  # the first feature says "referent 4"
+    assert _referent_loss(head, hidden, batch).item() == pytest.approx(0.0, abs=1e-6)
+    with torch.no_grad():
+        head.weight[4, 0], head.weight[2, 0] = 0.0, 30.0  # now it says "referent 2"
+    assert _referent_loss(head, hidden, batch).item() == pytest.approx(30.0, rel=1e-4)
+    # Prompt rows and samples without a referent cost nothing; none at all: zero.
+    with torch.no_grad():
+        head.weight.zero_()
+        head.weight[2, 1] = 30.0
+    assert _referent_loss(head, hidden, batch).item() == pytest.approx(np.log(len(REFERENTS)), rel=1e-5)
+    assert _referent_loss(head, hidden, {**batch, "referent": torch.tensor([-100, -100])}).item() == 0.0
 
 
 def test_examples_mark_the_target_plate_for_grounding():
