@@ -182,7 +182,7 @@ _PLATE_COARSE_PX = 44
 # Aileron cap height 20-27 px, one glyph to one 28 px token (see _pitch): legible natively, a few coarse pixels at the
 # median 5.5x downscale. Why not smaller: a ViT trained from scratch with 14 px patches learns a glyph at every
 # sub-patch offset separately; at 10-13 px it was at 33% after 80 k isolated samples, at 20-27 px at 96% (a probe,
-# numbers in README "The demo model"), and the demo model has 30 CPU minutes to learn.
+# numbers in docs/demo_model.md), and the demo model has 30 CPU minutes to learn.
 _FONT_SIZES = (30, 32, 34, 36)
 # What a detail family's plates show.
 _PLATE_KIND: Mapping[str, PlateKind] = {

@@ -159,7 +159,7 @@ class BaseRecipe:
     # drills, crops, scenes, coarse views of detail questions (where it cannot be read, only found by its colour or
     # quadrant) and the coarse part of fused sequences. Why: Q-Zoom assumes a base model that looks where the answer
     # is, as a pretrained VLM does after its grounding data; from the answer loss alone this model's heads stayed
-    # flat over the coarse view (localisation 0.08-0.14 on every head, README "The demo model"). Only base training
+    # flat over the coarse view (localisation 0.08-0.14 on every head, docs/demo_model.md). Only base training
     # items carry boxes here; Stage 1 still distils from the attention alone, on items it never sees a box of.
     ground_weight: float = 0.3
     ground_heads: tuple[tuple[int, int], ...] = ((2, 0), (3, 0))
@@ -173,7 +173,7 @@ class BaseRecipe:
     # learn it in 50 steps. So `referent_steps` steps of tiny sequences (a blank 56 px image, a detail question with
     # a random colour or quadrant) come first, right after phase 0, and the loss then rides along everywhere. Side by
     # side from one phase-0 tower, 400 steps of coarse views with the grounding loss: the heads' peak on the named
-    # plate 40-55% without, 92% with it (colour-named questions 48 of 48; quadrants 7 of 12) (README "The demo model").
+    # plate 40-55% without, 92% with it (colour-named questions 48 of 48; quadrants 7 of 12) (docs/demo_model.md).
     referent_steps: int = 100
     referent_batch_size: int = 64
     referent_weight: float = 1.0
@@ -184,7 +184,7 @@ class BaseRecipe:
     # `scene_frac`: half scenes, half coarse views of the coarse families (its own batch: 256-token sequences beside
     # 16-token crops would be mostly padding).
     # Side by side (1200 crop steps): 448-1344 px canvases gave the best crops and Stage-1 labels; 336-448 px (all
-    # native) and 256-672 px at scene_frac 0.5 did worse on both (README "The demo model").
+    # native) and 256-672 px at scene_frac 0.5 did worse on both (docs/demo_model.md).
     scene_frac: float = 0.3
     scene_batch_size: int = 6
     scene_min_side: int = 448
@@ -194,14 +194,14 @@ class BaseRecipe:
     # plate can be found there by its colour or quadrant, not read). Why: the earlier phases teach the grounding
     # heads mostly on crops and fused sequences, where the answer is in sight; in the coarse view (what Stage 1
     # distils) the taught heads put 0.21 of their image attention on the named plate's cells after them, and more
-    # on the other plates; 300 steps of this phase (lr 5e-4, batch 8) raised it to 0.40 (README "The demo model").
+    # on the other plates; 300 steps of this phase (lr 5e-4, batch 8) raised it to 0.40 (docs/demo_model.md).
     # Half of its views are the coarse families': 500 steps so took the coarse view's colour answers from 14% to 57%
     # (the 48 val checks; no other phase shows them as often), at a cost to reading (crop letters 86% -> 57%, fused
     # letters 57% -> 29%). Hence `ground_mixed_frac`: that share of its steps are mixed-phase batches (crops, fused
     # sequences, coarse views) at the ordinary loss weights. Side by side from the same mixed-phase model, 500 own
     # steps vs 750 steps half mixed: crops letter 57% vs 86%, pattern 29% vs 71%; fused letter 29% vs 57%, shape
     # 43% vs 100%; coarse colour 57% vs 71%; with the target's own box the pipeline read 30% vs 45% of 60 val detail
-    # items (README "The demo model"). The heads' aim did not change (the SD-RPN's peak on the target 33% vs 32%).
+    # items (docs/demo_model.md). The heads' aim did not change (the SD-RPN's peak on the target 33% vs 32%).
     ground_steps: int = 750
     ground_lr: float = 5e-4
     ground_detail_frac: float = 0.5
@@ -428,7 +428,7 @@ def coarse_reading_targets(p: PoolItem) -> torch.Tensor:
     Found from the scene (every object's box on the canvas, scaled to the view), so it holds at any downscale. Why:
     a question names its plate by colour ("the blue frame"), and the attention Stage 1 distils can only find it there
     if the coarse tokens say which colour they lie on; phase 0 taught the tower colours on native cards only, and a
-    linear probe then named the colour of only 53-69% of plates in the coarse view (README "The demo model").
+    linear probe then named the colour of only 53-69% of plates in the coarse view (docs/demo_model.md).
     """
     gh, gw = p.grid_hw
     scene = p.item.scene

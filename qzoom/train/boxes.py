@@ -19,7 +19,7 @@ higher threshold crops each candidate tightly and lets the answer pass pick amon
 depends on the checkpoint, so it is measured, not assumed; on a checkpoint where the paper's box wins, it stays.
 Forced zoom on the questions that need it does not see what tight boxes cost on the other questions the gate zooms
 on: measure the gated pipeline on held-out items before shipping a choice (on the demo model the gain on train items
-did not carry to the test split, and zoomed count questions lost; README "The demo model").
+did not carry to the test split, and zoomed count questions lost; docs/demo_model.md).
 """
 
 from __future__ import annotations

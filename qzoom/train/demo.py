@@ -13,7 +13,7 @@ checkpoint directory under ``work_dir``:
 
 The box settings stay the paper's (τ_roi 0.1, one box per step). ``qzoom train boxes`` on train items preferred two
 boxes at τ_roi 0.2 (20 against 11 of 96 detail questions right after a forced zoom), but on the card's 300 test items
-it read no more detail (12.6% both) and lost count questions that the gate zooms on (README "The demo model").
+it read no more detail (12.6% both) and lost count questions that the gate zooms on (docs/demo_model.md).
 
 The last checkpoint is copied to ``out`` with a ``training.json`` (recipe, item ranges, seconds per step); every
 step is seeded, the stages are resumable (rerunning continues where it stopped). All items come from the train

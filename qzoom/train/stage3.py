@@ -18,7 +18,7 @@ Contract of :func:`train_stage3`:
      takes as many ladders, drawn with ``random.Random(42)``, as the consistency filter would keep (the reference);
      ``pool="all"`` takes every ladder, and the top two budgets are then never answered (no label reads them). This
      suits a model whose answers above its training budgets are noise: the consistency filter finds its top two
-     budgets in disagreement on most ladders and keeps almost nothing (the demo model, README "The demo model").
+     budgets in disagreement on most ladders and keeps almost nothing (the demo model, docs/demo_model.md).
 3. **Training.** At the drawn budget the frozen layers below the branch point give the last prompt token's
    hidden state route; the gate layers run on it with gradients and ``high_res_head`` gives a logit (the same
    computation as ``engine.gate``: last prompt token, no final norm). BCE with the label.
