@@ -50,9 +50,11 @@ from qzoom.train.base import (
     _grid_box_around,
     _ground_phase_batch,
     _grounding_loss,
+    _pointer_loss,
     _reading_loss,
     _referent_loss,
     answer_drill,
+    answer_pointers,
     build_demo_model,
     coarse_reading_targets,
     collate,
@@ -82,6 +84,7 @@ MICRO = BaseRecipe(
     pool_size=3,
     referent_steps=2,
     referent_batch_size=2,
+    pointer_heads=((3, 1),),
 )
 
 
@@ -484,6 +487,91 @@ def test_grounding_loss_is_the_log_share_of_image_attention_off_the_target():
     assert _grounding_loss([uniform, focused], batch, image_id).item() == pytest.approx(np.log(2.0) / 2, rel=1e-5)
     none = {**batch, "ground": torch.zeros_like(ground)}
     assert _grounding_loss([uniform], none, image_id).item() == 0.0
+
+
+def _pointed_cells(example, gw, start):
+    """(answer character, (row, column) of each token it points at), in answer order."""
+    first = int(torch.nonzero(example.labels != -100)[0, 0])
+    answer = example.input_ids[first:].tolist()
+    return [(answer[row - first + 1], [divmod(int(t) - start, gw) for t in tokens]) for row, tokens in example.pointer]
+
+
+@pytest.mark.parametrize(
+    ("family", "answer"), [("code", "7EA"), ("code_at", "HX4"), ("letter", "K"), ("shape", "cross")]
+)
+def test_crops_point_each_answer_character_at_the_token_that_shows_it(family, answer):
+    model, processor = build_demo_model(MICRO)
+    engine = QZoomEngine(model, processor)
+    builder = ExampleBuilder(engine, MICRO.min_pixels, MICRO.max_pixels)
+    p = pool_item(generate_item("train", 11, families=(family,)), MICRO.min_pixels, MICRO.max_pixels, reach=448)
+    example = builder.crop(p, 168, random.Random(1), answer)
+    _, gh, gw = (int(v) // m for v, m in zip(example.grids[0], (1, 2, 2), strict=True))
+    start = int(torch.nonzero(example.input_ids == engine.image_token_id)[0, 0])
+    cells = _pointed_cells(example, gw, start)
+    # One row per answer character (not <|im_end|>), each on one token of the crop.
+    assert len(cells) == len(answer) and all(len(where) == 1 for _, where in cells)
+    tokens = [where[0] for _, where in cells]
+    assert all(0 <= r < gh and 0 <= c < gw for r, c in tokens)
+    # The token holds ink (the detail), as the reading head's marks say.
+    pixels = example.pixel_values[0].reshape(gh * gw, -1)
+    assert all(pixels[r * gw + c].min() < -1.0 for r, c in tokens)
+    if family.startswith("code"):  # a code's glyphs in order, left to right on one row
+        assert len({r for r, _ in tokens}) == 1 and [c for _, c in tokens] == sorted({c for _, c in tokens})
+    else:  # a one-thing answer: every character reads the one token
+        assert len(set(tokens)) == 1
+    # The pointers are the reading marks' tokens: a glyph's place for codes, the value for the rest.
+    assert [p.tolist() for p in answer_pointers(example.reading, answer, family)] == [[r * gw + c] for r, c in tokens]
+
+
+def test_answer_drills_point_into_the_named_plate_and_fused_sequences_into_the_crop():
+    model, processor = build_demo_model(MICRO)
+    engine = QZoomEngine(model, processor)
+    builder = ExampleBuilder(engine, MICRO.min_pixels, MICRO.max_pixels)
+    rng = random.Random(4)
+    for _ in range(10):
+        image, question, answer, family, box = answer_drill(rng, pair_frac=1.0)  # two plates: the other one is ink too
+        example = builder.drill(image, question, answer, family, box)
+        gw = image.width // 28
+        start = int(torch.nonzero(example.input_ids == engine.image_token_id)[0, 0])
+        cells = _pointed_cells(example, gw, start)
+        assert len(cells) == len(answer)
+        for _, where in cells:
+            for r, c in where:  # the token's centre lies on the asked-about plate
+                assert box[0] - 14 <= (c + 0.5) * 28 < box[2] + 14 and box[1] - 14 <= (r + 0.5) * 28 < box[3] + 14
+    p = pool_item(generate_item("train", 5, families=("code",)), MICRO.min_pixels, MICRO.max_pixels, 448)
+    example = builder.fused(p, random.Random(0), "ACE")
+    coarse_end = builder._state(p.coarse, p.item.question).blocks[0].end  # the crop's tokens come after these
+    rows = [row for row, _ in example.pointer]
+    assert len(rows) == 3 and rows == sorted(rows) and rows[0] + 1 == int(torch.nonzero(example.labels != -100)[0, 0])
+    for _, tokens in example.pointer:
+        assert (tokens >= coarse_end).all() and (example.input_ids[tokens] == engine.image_token_id).all()
+    # Coarse views and the coarse families point nowhere.
+    assert builder.coarse(p).pointer is None
+    colour = pool_item(generate_item("train", 6, families=("colour",)), MICRO.min_pixels, MICRO.max_pixels, 448)
+    assert not builder.fused(colour, None).pointer
+
+
+def test_pointer_loss_is_the_log_share_of_each_rows_image_attention_on_its_character():
+    # One sample: [text, img x4, row predicting char 1, row predicting char 2, end]; char 1 at token 1, char 2 at 3.
+    image_id = 7
+    ids = torch.tensor([[1, 7, 7, 7, 7, 2, 3, 4]])
+    pointer = torch.zeros(1, 8, 8, dtype=torch.bool)
+    pointer[0, 5, 1] = True
+    pointer[0, 6, 3] = True
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pointer": pointer}
+    uniform = torch.zeros(1, 8, 8)
+    assert _pointer_loss([uniform], batch, image_id).item() == pytest.approx(np.log(4.0), rel=1e-5)
+    right = uniform.clone()
+    right[0, 5, 1] = right[0, 6, 3] = 20.0
+    assert _pointer_loss([right], batch, image_id).item() == pytest.approx(0.0, abs=1e-6)
+    swapped = uniform.clone()
+    swapped[0, 5, 3] = swapped[0, 6, 1] = 20.0  # reading the glyphs in the wrong order costs
+    assert _pointer_loss([swapped], batch, image_id).item() > 10.0
+    # A row looking at its glyph pays nothing; the other row's share averages in.
+    half = uniform.clone()
+    half[0, 5, 1] = 20.0
+    assert _pointer_loss([half], batch, image_id).item() == pytest.approx(np.log(4.0) / 2, rel=1e-4)
+    assert _pointer_loss([uniform], {**batch, "pointer": torch.zeros_like(pointer)}, image_id).item() == 0.0
 
 
 @pytest.mark.parametrize("family", sorted(DETAIL_FAMILIES))

@@ -177,6 +177,13 @@ class BaseRecipe:
     referent_steps: int = 100
     referent_batch_size: int = 64
     referent_weight: float = 1.0
+    # Pointer: at the position that predicts each answer character, the attention of `pointer_heads` is taught to rest
+    # on the image token that shows that character (a code's glyph in order; the one token of a letter, shape or
+    # pattern), wherever the example knows it (`answer_pointers`: drills, crops and the crop of fused sequences; weight
+    # `pointer_weight`). Why: codes were read with the first glyph right and the rest repeated ("XKX" for "XKR"): the
+    # decoder found the plate but did not step along it, and the answer loss alone teaches that slowly.
+    pointer_weight: float = 0.3
+    pointer_heads: tuple[tuple[int, int], ...] = ((3, 2),)
     # Scenes: whole detail items on small canvases (`scene_min_side`..`scene_max_side`), seen whole at the budget (1x to
     # 3x below native scale, several plates in view). To answer, the model has to find the plate the question names and
     # read it in one view; that habit is what puts its answer->image attention on the named plate in the coarse view of
@@ -262,6 +269,8 @@ class Example:
     reading: torch.Tensor | None = None  # (merged tokens of the one image, len(READ_CLASSES)) for crops
     target: torch.Tensor | None = None  # sequence indices of the image tokens that show the target (grounding)
     referent: int | None = None  # index in REFERENTS of the colour or quadrant the question names (text only)
+    # (sequence position that predicts an answer character, sequence indices of the image tokens that show it)
+    pointer: list[tuple[int, torch.Tensor]] | None = None
 
 
 @dataclass
@@ -367,15 +376,15 @@ def reading_targets(
     family: str,
     answer: str,
     grid_hw: tuple[int, int],
-    colour: str,
+    colour: str | None,
 ) -> torch.Tensor:
     """What each merged token of a native crop shows: (gh * gw, len(READ_CLASSES)) multi-hot, row-major.
 
     A token is marked with a character when that glyph's centre lies in it (codes: the ink's columns split into one
     run per glyph, or into equal thirds where glyphs touch) and, for a code, with the glyph's place in it; with a
     shape or pattern when the ink's centre does; and with the plate's ``colour`` and "is plate" when its centre lies on
-    the card inside the border. Found from the crop's own pixels (dark ink on the light plate inside its border), so
-    it holds for any answer drawn.
+    the card inside the border (not when ``colour`` is None). Found from the crop's own pixels (dark ink on the light
+    plate inside its border), so it holds for any answer drawn.
 
     Why: from scratch, the answer loss alone reaches the vision tower only through the decoder's attention to the
     right tokens, which is itself untrained, and both sit at the answer priors for thousands of samples. This dense
@@ -389,7 +398,7 @@ def reading_targets(
     x0, y0, x1, y1 = max(0, x0), max(0, y0), min(crop.width, x1), min(crop.height, y1)
     if x1 <= x0 or y1 <= y0:
         return targets
-    for row in range(gh):
+    for row in range(gh if colour is not None else 0):
         for col in range(gw):
             if x0 <= (col + 0.5) * PATCH_PX / sx < x1 and y0 <= (row + 0.5) * PATCH_PX / sy < y1:
                 _mark(targets, row * gw + col, f"on {colour}")
@@ -466,6 +475,20 @@ def coarse_reading_targets(p: PoolItem) -> torch.Tensor:
     return targets
 
 
+def answer_pointers(reading: torch.Tensor, answer: str, family: str) -> list[torch.Tensor]:
+    """For each character of ``answer``, the tokens of one image (indices into ``reading``'s rows, as
+    :func:`reading_targets` marks them) that show it: a code's ``i``-th glyph for its ``i``-th character, the token of
+    the letter, shape or pattern for every character of a one-thing answer. Empty where the mark is missing (a glyph
+    whose centre is off the image); no pointers for the families without a detail."""
+    if family in ("code", "code_at"):
+        columns = [READ_CLASSES.index(f"glyph {i + 1}") for i in range(len(answer))]
+    elif family in DETAIL_FAMILIES:
+        columns = [READ_CLASSES.index(answer)] * len(answer)
+    else:
+        return []
+    return [torch.nonzero(reading[:, column] > 0).flatten() for column in columns]
+
+
 def target_tokens(block: ImageBlock, image_wh: tuple[int, int], box: Sequence[float]) -> torch.Tensor:
     """Sequence indices of the tokens of image ``block`` whose cells overlap ``box`` (pixels of that image)."""
     cells = _grid_box_around(box, block.grid_hw, image_wh, None)
@@ -529,6 +552,30 @@ class ExampleBuilder:
         labels[n_prompt:] = ids[n_prompt:]
         return Example(ids, positions, labels, pixels, grids, family, view, referent=referent_of(st.query))
 
+    @staticmethod
+    def _point(example: Example, start: int, reading: torch.Tensor, answer: str) -> None:
+        """Set ``example.pointer`` from ``reading`` (the marks of the image whose first token is at ``start``): the
+        position that predicts answer character ``j`` (one byte token each) points at the tokens showing it."""
+        first = int(torch.nonzero(example.labels != -100)[0, 0])  # the first answer token
+        example.pointer = [
+            (first - 1 + j, start + tokens)
+            for j, tokens in enumerate(answer_pointers(reading, answer, example.family))
+            if tokens.numel()
+        ]
+
+    def drill(
+        self, image: Image.Image, question: str, answer: str, family: str, box: tuple[int, int, int, int]
+    ) -> Example:
+        """An :func:`answer_drill` example: the asked-about plate (``box``) marked for grounding, and its detail's
+        tokens for the pointer loss (found from the drill's ink; the border is at most 6 px, the detail further in)."""
+        example = self.single(image, question, answer, family, "crop", box)
+        grid = example.grids[0]
+        grid_hw = (int(grid[1]) // self.merge, int(grid[2]) // self.merge)
+        reading = reading_targets(image, box, _DRILL_BORDER_MAX, family, answer, grid_hw, None)
+        start = int(torch.nonzero(example.input_ids == self.engine.image_token_id)[0, 0])
+        self._point(example, start, reading, answer)
+        return example
+
     def single(
         self,
         image: Image.Image,
@@ -571,12 +618,18 @@ class ExampleBuilder:
             st, Proposal(block, empty, empty, [grid_box], [pixel_box]), [(torch.zeros(n_crop, self.hidden), crop_grid)]
         )
         coarse_pixels, coarse_grid = self.engine._preprocess(p.coarse, self.min_pixels, self.max_pixels)
-        example = self._finish(
-            st, answer or item.answer, [coarse_pixels, crop_pixels], [coarse_grid, crop_grid], item.family, "fused"
-        )
+        shown = answer or item.answer
+        example = self._finish(st, shown, [coarse_pixels, crop_pixels], [coarse_grid, crop_grid], item.family, "fused")
         if item.needs_detail:  # the target's coarse cells, and the whole crop (a zoom on it)
             coarse_cells = target_tokens(block, item.canvas, item.box)
             example.target = torch.cat([coarse_cells, torch.arange(st.blocks[1].start, st.blocks[1].end)])
+            plate = item.scene.plates[item.scene.target] if item.scene.target is not None else None
+            if plate is not None:
+                x0, y0, x1, y1 = plate.box
+                plate_box = (x0 - pixel_box.x0, y0 - pixel_box.y0, x1 - pixel_box.x0, y1 - pixel_box.y0)
+                grid_hw = (int(crop_grid[1]) // self.merge, int(crop_grid[2]) // self.merge)
+                reading = reading_targets(crop, plate_box, plate.border, item.family, shown, grid_hw, None)
+                self._point(example, st.blocks[1].start, reading, shown)
         return example
 
     def crop(
@@ -624,6 +677,8 @@ class ExampleBuilder:
                 (int(grid[1]) // self.merge, int(grid[2]) // self.merge),
                 plate.colour,
             )
+            start = int(torch.nonzero(example.input_ids == self.engine.image_token_id)[0, 0])
+            self._point(example, start, example.reading, answer or item.answer)
         return example
 
     def make(
@@ -669,10 +724,13 @@ def collate(examples: Sequence[Example], pad_id: int, merge: int = 2) -> dict[st
     mask = torch.zeros((b, n), dtype=torch.long)
     positions = torch.zeros((3, b, n), dtype=torch.float32)
     ground = torch.zeros((b, n), dtype=torch.bool)  # the target's image tokens (grounding loss)
+    pointer = torch.zeros((b, n, n), dtype=torch.bool)  # [i, row, token]: row's answer character is shown at token
     for i, e in enumerate(examples):
         m = int(e.input_ids.shape[0])
         if e.target is not None:
             ground[i, e.target] = True
+        for row, tokens in e.pointer or ():
+            pointer[i, row, tokens] = True
         ids[i, :m] = e.input_ids
         labels[i, :m] = e.labels
         mask[i, :m] = 1
@@ -696,6 +754,7 @@ def collate(examples: Sequence[Example], pad_id: int, merge: int = 2) -> dict[st
         "reading": torch.cat(reading),
         "reading_mask": torch.cat(read_mask),
         "ground": ground,
+        "pointer": pointer,
         "referent": torch.tensor([-100 if e.referent is None else e.referent for e in examples], dtype=torch.long),
     }
 
@@ -889,6 +948,7 @@ def train_base(
     # The heads are probed when either grounding weight is on: the ride-along one, or the ground phase's own.
     grounds = recipe.ground_weight > 0 or (recipe.ground_steps > 0 and recipe.ground_phase_weight > 0)
     probe = GroundingProbe(engine, recipe.ground_heads) if grounds else None
+    pointer_probe = GroundingProbe(engine, recipe.pointer_heads) if recipe.pointer_weight > 0 else None
     # The referent head (see `_referent_loss`) reads the input of layer K; it is trained here and not saved.
     referent_head = torch.nn.Linear(recipe.hidden_size, len(REFERENTS))
     layer_k: list[torch.Tensor] = []
@@ -915,6 +975,7 @@ def train_base(
     read_ema: float | None = None
     ground_ema: float | None = None
     referent_ema: float | None = None
+    pointer_ema: float | None = None
     bar = tqdm(range(total), desc="base", disable=not progress, dynamic_ncols=True)
     checks = list(iterate("val", check_items, seed=recipe.seed)) if check_items else []
     scene_checks = []
@@ -941,7 +1002,7 @@ def train_base(
             ]
         elif phase == "drills":
             examples = [
-                builder.single(image, question, answer, family, "crop", box)
+                builder.drill(image, question, answer, family, box)
                 for image, question, answer, family, box in (
                     answer_drill(rng, recipe.drill_pair_frac) for _ in range(recipe.drill_batch_size)
                 )
@@ -961,8 +1022,9 @@ def train_base(
                 else _lr_at(step, mixed_end, recipe)
             )
         # Explicitly on: a caller (or a test before this one) may have turned autograd off process-wide.
-        if probe is not None:
-            probe.scores.clear()  # the checks between phases ran forwards too
+        for p in (probe, pointer_probe):
+            if p is not None:
+                p.scores.clear()  # the checks between phases ran forwards too
         layer_k.clear()
         with torch.enable_grad():
             loss, _ = answer_loss_and_hits(model, batch)
@@ -971,6 +1033,11 @@ def train_base(
                 _grounding_loss(probe.scores, batch, engine.image_token_id) if probe is not None else torch.zeros(())
             )
             referent_loss = _referent_loss(referent_head, layer_k[-1], batch)
+            pointer_loss = (
+                _pointer_loss(pointer_probe.scores, batch, engine.image_token_id)
+                if pointer_probe is not None
+                else torch.zeros(())
+            )
         merged.clear()
         optimizer.zero_grad(set_to_none=True)
         answer_weight, ground_weight = (
@@ -983,6 +1050,7 @@ def train_base(
             + read_weight * read_loss
             + ground_weight * ground_loss
             + recipe.referent_weight * referent_loss
+            + recipe.pointer_weight * pointer_loss
         ).backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
@@ -991,22 +1059,26 @@ def train_base(
         read_ema = _ema(read_ema, read_loss.item())
         ground_ema = _ema(ground_ema, ground_loss.item())
         referent_ema = _ema(referent_ema, referent_loss.item())
+        pointer_ema = _ema(pointer_ema, pointer_loss.item())
         bar.set_postfix(
             phase=phase,
             loss=f"{ema or 0:.3f}",
             read=f"{read_ema:.3f}",
             ground=f"{ground_ema:.3f}",
             referent=f"{referent_ema:.3f}",
+            pointer=f"{pointer_ema:.3f}",
         )
         if not progress and (step + 1) % 50 == 0:
             log(
                 f"base step {step + 1}/{total} {phase} loss {ema or 0:.4f} read {read_ema:.4f} "
-                f"ground {ground_ema:.4f} referent {referent_ema:.4f} {time.perf_counter() - started:.0f}s"
+                f"ground {ground_ema:.4f} referent {referent_ema:.4f} pointer {pointer_ema:.4f} "
+                f"{time.perf_counter() - started:.0f}s"
             )
     hook.remove()
     k_hook.remove()
-    if probe is not None:
-        probe.remove()
+    for p in (probe, pointer_probe):
+        if p is not None:
+            p.remove()
     log(f"base: {total} steps in {time.perf_counter() - started:.0f} s, final loss (EMA) {ema or 0:.4f}")
     if checks:
         _log_checks(engine, checks, log, "final", scene_checks)
@@ -1054,28 +1126,52 @@ class GroundingProbe:
             handle.remove()
 
 
-def _grounding_loss(scores: Sequence[torch.Tensor], batch: dict[str, torch.Tensor], image_id: int) -> torch.Tensor:
-    """Mean over the probed heads and the positions that predict an answer token of ``-log`` of the share of the
-    head's image attention that rests on the target's tokens (``collate``'s ``ground``), over the samples that mark a
-    target. A head that looks only at the target pays 0; one spread evenly over the image pays log(image / target
-    tokens). Zero when no sample marks a target."""
-    ground = batch["ground"]
-    marked = ground.any(1)
-    if not scores or not bool(marked.any()):
+def _attention_share_loss(
+    scores: Sequence[torch.Tensor],
+    batch: dict[str, torch.Tensor],
+    image_id: int,
+    targets: torch.Tensor,
+    rows: torch.Tensor,
+) -> torch.Tensor:
+    """Mean over the probed heads' attention logits ``scores`` (each ``(B, n, n)``) and the query positions ``rows``
+    (``(B, n)`` bool) of ``-log`` of the share of the head's image attention that rests on ``targets`` (``(B, n, n)``
+    or ``(B, 1, n)`` bool over keys). A head that looks only at the targets pays 0; one spread evenly over the image
+    pays log(image / target tokens). Zero when there are no rows."""
+    if not scores or not bool(rows.any()):
         return torch.zeros(())
-    n = ground.shape[1]
-    answer_rows = torch.zeros_like(ground)
-    answer_rows[:, :-1] = batch["labels"][:, 1:] != -100  # position i predicts token i + 1
-    rows = answer_rows & marked[:, None]
+    n = rows.shape[1]
     allowed = torch.ones(n, n, dtype=torch.bool).tril()[None] & batch["attention_mask"].bool()[:, None, :]
     image = (batch["input_ids"] == image_id).float()[:, None, :]
     loss = torch.zeros(())
     for logits in scores:
         probs = logits.masked_fill(~allowed, float("-inf")).softmax(-1)  # (B, n, n)
-        on_target = (probs * ground.float()[:, None, :]).sum(-1)
+        on_target = (probs * targets.float()).sum(-1)
         share = on_target / (probs * image).sum(-1).clamp_min(1e-9)
         loss = loss - share[rows].clamp_min(1e-6).log().mean()
     return loss / len(scores)
+
+
+def _answer_rows(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """(B, n) bool: the positions that predict an answer token (position i predicts token i + 1)."""
+    rows = torch.zeros_like(batch["labels"], dtype=torch.bool)
+    rows[:, :-1] = batch["labels"][:, 1:] != -100
+    return rows
+
+
+def _grounding_loss(scores: Sequence[torch.Tensor], batch: dict[str, torch.Tensor], image_id: int) -> torch.Tensor:
+    """:func:`_attention_share_loss` on the target's tokens (``collate``'s ``ground``) at every position that predicts
+    an answer token, over the samples that mark a target. Zero when none does."""
+    ground = batch["ground"]
+    rows = _answer_rows(batch) & ground.any(1)[:, None]
+    return _attention_share_loss(scores, batch, image_id, ground[:, None, :], rows)
+
+
+def _pointer_loss(scores: Sequence[torch.Tensor], batch: dict[str, torch.Tensor], image_id: int) -> torch.Tensor:
+    """:func:`_attention_share_loss` at each position that predicts an answer character whose image tokens are known
+    (``collate``'s ``pointer``), on those tokens: the head reads the answer where it is written, character by
+    character. Zero when no sample points anywhere."""
+    pointer = batch["pointer"]
+    return _attention_share_loss(scores, batch, image_id, pointer, pointer.any(-1))
 
 
 def _referent_loss(head: torch.nn.Linear, hidden: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -1083,9 +1179,7 @@ def _referent_loss(head: torch.nn.Linear, hidden: torch.Tensor, batch: dict[str,
     the question names (``collate``'s ``referent``), at every position that predicts an answer token (where the
     grounding heads look and, for the first, the SD-RPN's query), over the samples that name one. Zero when none do."""
     referent = batch["referent"]
-    rows = torch.zeros_like(batch["labels"], dtype=torch.bool)
-    rows[:, :-1] = batch["labels"][:, 1:] != -100  # position i predicts token i + 1
-    rows &= (referent >= 0)[:, None]
+    rows = _answer_rows(batch) & (referent >= 0)[:, None]
     if not bool(rows.any()):
         return torch.zeros(())
     targets = referent[:, None].expand_as(rows)[rows]
@@ -1131,6 +1225,7 @@ def _reading_loss(
 
 
 _DRILL_KINDS: tuple[PlateKind, ...] = ("code", "code", "letter", "shape", "pattern")  # reading and answer drills
+_DRILL_BORDER_MAX = 6  # an answer drill's plate border (its detail starts 5-9 px further in)
 
 
 def reading_drill(rng: random.Random, side: int, zoom: float = 1.0) -> tuple[Image.Image, torch.Tensor]:
@@ -1193,7 +1288,9 @@ def answer_drill(rng: random.Random, pair_frac: float) -> tuple[Image.Image, str
         if value not in values:
             values.append(value)
     plates = [
-        render_plate(kind, value, detail_size(rng, kind), colour, border=rng.randint(3, 6), pad=rng.randint(5, 9))
+        render_plate(
+            kind, value, detail_size(rng, kind), colour, border=rng.randint(3, _DRILL_BORDER_MAX), pad=rng.randint(5, 9)
+        )
         for value, colour in zip(values, colours, strict=True)
     ]
     order = list(range(n))
