@@ -1022,9 +1022,9 @@ def train_base(
                 else _lr_at(step, mixed_end, recipe)
             )
         # Explicitly on: a caller (or a test before this one) may have turned autograd off process-wide.
-        for p in (probe, pointer_probe):
-            if p is not None:
-                p.scores.clear()  # the checks between phases ran forwards too
+        for probed in (probe, pointer_probe):
+            if probed is not None:
+                probed.scores.clear()  # the checks between phases ran forwards too
         layer_k.clear()
         with torch.enable_grad():
             loss, _ = answer_loss_and_hits(model, batch)
@@ -1076,9 +1076,9 @@ def train_base(
             )
     hook.remove()
     k_hook.remove()
-    for p in (probe, pointer_probe):
-        if p is not None:
-            p.remove()
+    for probed in (probe, pointer_probe):
+        if probed is not None:
+            probed.remove()
     log(f"base: {total} steps in {time.perf_counter() - started:.0f} s, final loss (EMA) {ema or 0:.4f}")
     if checks:
         _log_checks(engine, checks, log, "final", scene_checks)
