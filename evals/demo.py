@@ -12,6 +12,10 @@ crop, re-encode, fused prefill, decode).
 * ``qzoom@B``: the gate decides (the default pipeline) at budget B.
 * ``forced@B``: zoom on every question at B; its boxes score the SD-RPN (is the target's centre inside one of
   them?). The boxes are the checkpoint's: its ``roi_thresh`` and ``max_boxes`` (``qzoom train boxes``).
+* ``gt-box@B``: a diagnostic, not a method: one zoom step on the coarse cells that cover the ground-truth box, through
+  the same engine steps (crop, re-encode, splice, aligned positions, KV reuse, decode). What Q-Zoom would answer if
+  the SD-RPN found the target exactly, so the gap to ``forced@B`` is the boxes' and the rest is the reading's.
+  (Detail questions only carry a target plate; for the coarse families the box is the large region or frames.)
 
 Targets (DESIGN.md "The demo model"; the thresholds live in :data:`TARGETS`, never tuned to the numbers):
 detail accuracy of ``coarse@B`` at most 40 %; of ``qzoom@B`` at least 85 %; ``qzoom@B`` overall accuracy at least
@@ -27,9 +31,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from qzoom import roi
 from qzoom.agent.zoom import result, run
 from qzoom.cache import FeatureCache, L1Cache
-from qzoom.engine import QZoomEngine
+from qzoom.engine import QZoomEngine, SequenceState
 from qzoom.evals.synthetic import COARSE_TOKENS, PATCH_PX, SyntheticItem, box_contains_center, exact_match, iterate
 from qzoom.schemas import AskOptions, AskResult
 
@@ -160,7 +165,27 @@ def _configs(small: int, budgets: Sequence[int]) -> list[tuple[str, AskOptions]]
     configs += [(f"baseline@{n}", AskOptions(max_pixels=n * px, force_zoom=False, max_new_tokens=8)) for n in budgets]
     configs.append((f"qzoom@{small}", AskOptions(max_pixels=small * px, max_new_tokens=8)))
     configs.append((f"forced@{small}", AskOptions(max_pixels=small * px, force_zoom=True, max_new_tokens=8)))
+    configs.append((f"{GT_BOX}@{small}", AskOptions(max_pixels=small * px, force_zoom=True, max_new_tokens=8)))
     return configs
+
+
+GT_BOX = "gt-box"  # the diagnostic configuration: zoom on the target's own cells
+
+
+def run_on_gt_boxes(engine: QZoomEngine, states: Sequence[SequenceState], items: Sequence[SyntheticItem]) -> None:
+    """One zoom step per request on the coarse-view cells covering its item's ground-truth box, then the answer:
+    the engine's own steps with the SD-RPN's proposal replaced (``gt-box@B``; a diagnostic that reads the GT box)."""
+    engine.prepare(states)
+    engine.encode(states)
+    engine.prefill(states)
+    proposals = []
+    for st, item in zip(states, items, strict=True):
+        block = st.blocks[0]
+        cells = roi.covering_grid_box(item.box, block.grid_hw, item.canvas)
+        proposals.append(engine.proposal_from_grid_boxes(st, [cells]))
+    engine.zoom(states, proposals)
+    engine.finish(states)
+    engine.decode(states)
 
 
 def evaluate_demo(
@@ -182,6 +207,7 @@ def evaluate_demo(
     # Warm-up on one item outside the measurement (first-call allocations, lazy imports).
     warm = next(iter(iterate("test", 1, seed=seed, start=n_items)))
     run(engine, [engine.new_state(warm.image, warm.question, opts) for _, opts in configs])
+    run_on_gt_boxes(engine, [engine.new_state(warm.image, warm.question, configs[-1][1])], [warm])
 
     items: list[SyntheticItem] = []
     for item in iterate("test", n_items, seed=seed):
@@ -209,7 +235,10 @@ def _measure_chunk(
     for name, options in configs:
         states = [engine.new_state(item.image, item.question, options) for item in items]
         start = time.perf_counter()
-        run(engine, states)
+        if name.startswith(GT_BOX):
+            run_on_gt_boxes(engine, states, items)
+        else:
+            run(engine, states)
         elapsed = time.perf_counter() - start
         results: list[AskResult] = [result(engine, st) for st in states]
         stats = report.runs[name]
@@ -339,7 +368,8 @@ def write_model_card(
         "the test split, every configuration through the real Q-Zoom graph, side by side in one run (feature cache "
         "off). Budgets are merged visual tokens (28x28 px each). `coarse@256`: the coarse view alone; "
         "`baseline@N`: no zoom at N tokens; `qzoom@256`: the gate decides; `forced@256`: always zoom (its boxes "
-        "score the SD-RPN).",
+        "score the SD-RPN); `gt-box@256`: a diagnostic, one zoom on the cells of the ground-truth box (what the "
+        "pipeline reads where the SD-RPN finds the target exactly).",
         "",
         "```",
         format_report(report),

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import operator
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,6 +38,7 @@ __all__ = [
     "clamp_pixel_box",
     "component_boxes",
     "corner_sink_mask",
+    "covering_grid_box",
     "gaussian_blur3",
     "grid_box_to_pixels",
     "heatmap_rows",
@@ -372,6 +374,30 @@ def grid_box_to_pixels(
     b[0::2] = b[0::2] * (src_w / resized_w)
     b[1::2] = b[1::2] * (src_h / resized_h)
     return _finish_pixel_box(_add_margin(b, margin), (src_w, src_h), min_side)
+
+
+def covering_grid_box(
+    box: Sequence[float],
+    grid_hw: tuple[int, int],
+    image_wh: tuple[int, int],
+    *,
+    grow: tuple[int, int, int, int] = (0, 0, 0, 0),
+) -> GridBox:
+    """The smallest box of cells of an ``(H, W)`` grid over an image of ``image_wh`` pixels that covers the pixel box
+    ``box``, grown by ``grow`` cells on the left, top, right and bottom, clamped to the grid (at least one cell).
+
+    The inverse direction of :func:`grid_box_to_pixels`: a known region (a ground-truth box, an agent's box) as the
+    grid box the SD-RPN would have to propose to zoom on it.
+    """
+    src_w, src_h = _check_image_wh(image_wh)
+    grid_h, grid_w = grid_hw
+    x0, y0, x1, y1 = box
+    cx0 = max(0, int(np.floor(x0 * grid_w / src_w)) - grow[0])
+    cy0 = max(0, int(np.floor(y0 * grid_h / src_h)) - grow[1])
+    cx1 = min(grid_w, int(np.ceil(x1 * grid_w / src_w)) + grow[2])
+    cy1 = min(grid_h, int(np.ceil(y1 * grid_h / src_h)) + grow[3])
+    cx0, cy0 = min(cx0, grid_w - 1), min(cy0, grid_h - 1)
+    return GridBox(cx0, cy0, max(cx1, cx0 + 1), max(cy1, cy0 + 1))
 
 
 def sub_box_to_pixels(

@@ -16,6 +16,7 @@ from qzoom.roi import (
     clamp_pixel_box,
     component_boxes,
     corner_sink_mask,
+    covering_grid_box,
     gaussian_blur3,
     grid_box_to_pixels,
     propose_grid_boxes,
@@ -535,3 +536,31 @@ def test_runs_on_gpu_and_matches_cpu() -> None:
     assert prob_gpu.device.type == "cuda"
     assert boxes_cpu == boxes_gpu
     torch.testing.assert_close(prob_gpu.cpu(), prob_cpu)
+
+
+def test_covering_grid_box_is_the_smallest_box_of_cells_over_a_pixel_box() -> None:
+    # A 16 x 12 grid over a 1600 x 900 image: cells are 100 x 75 px.
+    assert covering_grid_box((150, 80, 160, 90), (12, 16), (1600, 900)) == GridBox(1, 1, 2, 2)  # inside one cell
+    assert covering_grid_box((100, 75, 300, 150), (12, 16), (1600, 900)) == GridBox(1, 1, 3, 2)  # on cell edges
+    assert covering_grid_box((99, 74, 301, 151), (12, 16), (1600, 900)) == GridBox(0, 0, 4, 3)  # a pixel over
+    assert covering_grid_box((0, 0, 1600, 900), (12, 16), (1600, 900)) == GridBox(0, 0, 16, 12)
+    # Grown per side, clamped to the grid.
+    grown = covering_grid_box((150, 80, 160, 90), (12, 16), (1600, 900), grow=(1, 2, 3, 0))
+    assert grown == GridBox(0, 0, 5, 2)
+    assert covering_grid_box((1590, 890, 1600, 900), (12, 16), (1600, 900), grow=(0, 0, 1, 1)) == GridBox(
+        15, 11, 16, 12
+    )
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_covering_grid_box_inverts_grid_box_to_pixels(seed: int) -> None:
+    # The pixels of a grid box are covered by that grid box again, except that the reference's float32 truncation
+    # (a start that should be an integer lands just below it) can move a near edge into the cell before, never further.
+    rng = random.Random(seed)
+    gh, gw = rng.randint(4, 20), rng.randint(4, 20)
+    x0, y0 = rng.randrange(gw), rng.randrange(gh)
+    box = GridBox(x0, y0, rng.randint(x0 + 1, gw), rng.randint(y0 + 1, gh))
+    wh = (rng.randint(gw * 28, 5000), rng.randint(gh * 28, 5000))
+    back = covering_grid_box(grid_box_to_pixels(box, (gh, gw), wh, min_side=0).as_list(), (gh, gw), wh)
+    assert box.x0 - 1 <= back.x0 <= box.x0 and box.y0 - 1 <= back.y0 <= box.y0
+    assert (back.x1, back.y1) == (box.x1, box.y1)

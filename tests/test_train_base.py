@@ -28,6 +28,7 @@ from qzoom.evals.synthetic import (
     DETAIL_FAMILIES,
     POSITIONS,
     TEMPLATES,
+    box_contains,
     crop_box_around,
     crop_with_answer,
     generate_item,
@@ -700,10 +701,17 @@ def test_train_base_writes_a_loadable_qzoom_checkpoint(micro_dir):
 
 def test_eval_demo_measures_every_configuration_on_the_same_items(micro_dir):
     report = evaluate_demo(uncached_engine(micro_dir), 7, budgets=(384,), chunk=4)
-    assert set(report.runs) == {"coarse@256", "baseline@384", "qzoom@256", "forced@256"}
+    assert set(report.runs) == {"coarse@256", "baseline@384", "qzoom@256", "forced@256", "gt-box@256"}
     assert all(len(r.correct) == 7 and r.seconds > 0 for r in report.runs.values())
     assert report.families == ["code", "code_at", "letter", "shape", "pattern", "colour", "count"]
     assert all(report.runs["forced@256"].zoomed) and not any(report.runs["coarse@256"].zoomed)
+    # The diagnostic zooms once on the coarse cells around the ground-truth box: its box holds the whole target.
+    runs = zip(report.runs["gt-box@256"].boxes, report.gt_boxes, report.image_sizes, report.detail, strict=True)
+    for boxes, gt, (w, h), detail in runs:
+        assert len(boxes) == 1
+        assert box_contains(boxes[0], gt[:2]) and box_contains(boxes[0], (gt[2] - 2, gt[3] - 2))
+        if detail:  # a plate's cells, not the whole image
+            assert (boxes[0][2] - boxes[0][0]) * (boxes[0][3] - boxes[0][1]) < 0.5 * w * h
     assert max(report.runs["baseline@384"].visual_tokens) > max(report.runs["coarse@256"].visual_tokens)
     table = format_report(report)
     for target in TARGETS:

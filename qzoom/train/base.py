@@ -322,18 +322,8 @@ def _grid_box_around(
 ) -> roi.GridBox:
     """The coarse-grid cells covering ``box``, grown by 0-1 cells per side at random (``rng``), or not at all: what
     an SD-RPN that found the target proposes (its thresholded blob is rarely tight)."""
-    x0, y0, x1, y1 = box
-    gh, gw = grid_hw
-    w, h = wh
-
-    def grow() -> int:
-        return rng.randint(0, 1) if rng is not None else 0
-
-    cx0 = max(0, math.floor(x0 * gw / w) - grow())
-    cy0 = max(0, math.floor(y0 * gh / h) - grow())
-    cx1 = min(gw, math.ceil(x1 * gw / w) + grow())
-    cy1 = min(gh, math.ceil(y1 * gh / h) + grow())
-    return roi.GridBox(cx0, cy0, max(cx1, cx0 + 1), max(cy1, cy0 + 1))
+    grow = (0, 0, 0, 0) if rng is None else (rng.randint(0, 1), rng.randint(0, 1), rng.randint(0, 1), rng.randint(0, 1))
+    return roi.covering_grid_box(box, grid_hw, wh, grow=grow)
 
 
 # The reading head's classes, in groups that are each a softmax with one more class, "nothing" (see `_reading_loss`):
