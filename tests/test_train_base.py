@@ -55,6 +55,7 @@ from qzoom.train.base import (
     _reading_loss,
     _referent_loss,
     answer_drill,
+    answer_loss_and_hits,
     answer_pointers,
     build_demo_model,
     coarse_reading_targets,
@@ -392,6 +393,31 @@ def test_ground_phase_mixes_its_coarse_views_with_reading_batches():
     half = dataclasses.replace(recipe, ground_mixed_frac=0.5)
     owns = [_ground_phase_batch(builder, pools, rng, half)[1] for _ in range(12)]
     assert 0 < sum(owns) < 12
+    # Unreadable answers (the detail questions' coarse views) take their own answer weight; the rest keep 1.
+    quiet = dataclasses.replace(own, unreadable_answer_weight=0.0)
+    batch, _ = _ground_phase_batch(builder, pools, random.Random(1), quiet)
+    assert [e.answer_weight for e in batch] == [0.0 if e.family == "letter" else 1.0 for e in batch]
+    assert collate(batch, builder.engine.pad_id)["answer_weight"].tolist() == [e.answer_weight for e in batch]
+
+
+def test_answer_loss_weighs_each_sample_and_counts_every_scored_token():
+    model, processor = build_demo_model(MICRO)
+    engine = QZoomEngine(model, processor)
+    builder = ExampleBuilder(engine, MICRO.min_pixels, MICRO.max_pixels)
+    rng = random.Random(0)
+    examples = [builder.drill(*answer_drill(rng, 0.0)) for _ in range(2)]
+    batch = collate(examples, engine.pad_id)
+    with torch.no_grad():
+        logits = model(**model_inputs(batch)).logits[:, :-1].float()
+        target = batch["labels"][:, 1:]
+        tokens = torch.nn.functional.cross_entropy(logits.transpose(1, 2), target, ignore_index=-100, reduction="none")
+        plain, hits = answer_loss_and_hits(model, batch)  # weights 1: the mean over scored tokens
+        first_only, _ = answer_loss_and_hits(model, {**batch, "answer_weight": torch.tensor([1.0, 0.0])})
+        none, _ = answer_loss_and_hits(model, {**batch, "answer_weight": torch.zeros(2)})
+    scored = target != -100
+    assert plain.item() == pytest.approx(tokens[scored].mean().item(), rel=1e-5)
+    assert first_only.item() == pytest.approx(tokens[0][scored[0]].sum().item() / scored.sum().item(), rel=1e-5)
+    assert none.item() == 0.0 and hits.shape == (2,)
 
 
 def test_answer_drills_ask_about_one_of_one_or_two_plates_drawn_as_in_a_scene():

@@ -215,6 +215,11 @@ class BaseRecipe:
     ground_mixed_frac: float = 0.5
     ground_phase_weight: float = 1.0
     ground_answer_weight: float = 0.3
+    # The answer loss of coarse views of detail questions at the benchmark's sizes (mixed and ground phases), where
+    # the detail cannot be read (that is the benchmark's design): 1 trains the answer there like any other; 0 keeps
+    # those views for the grounding and referent losses only, so the decoder is not taught to answer unread details
+    # from the answer prior.
+    unreadable_answer_weight: float = 1.0
     # Downscaled details: a share `zoom_frac` of the reading drills and the crops is drawn up to `zoom_max` times
     # larger and resized down to its side. Why: a plate's card is 1.6 coarse cells a side (evals.synthetic), so the
     # SD-RPN's box on a large canvas spans 2-4 cells, up to 1000 px, which the processor resizes to the 448 px budget.
@@ -269,6 +274,7 @@ class Example:
     reading: torch.Tensor | None = None  # (merged tokens of the one image, len(READ_CLASSES)) for crops
     target: torch.Tensor | None = None  # sequence indices of the image tokens that show the target (grounding)
     referent: int | None = None  # index in REFERENTS of the colour or quadrant the question names (text only)
+    answer_weight: float = 1.0  # of this sample's answer loss (see `BaseRecipe.unreadable_answer_weight`)
     # (sequence position that predicts an answer character, sequence indices of the image tokens that show it)
     pointer: list[tuple[int, torch.Tensor]] | None = None
 
@@ -746,6 +752,7 @@ def collate(examples: Sequence[Example], pad_id: int, merge: int = 2) -> dict[st
         "ground": ground,
         "pointer": pointer,
         "referent": torch.tensor([-100 if e.referent is None else e.referent for e in examples], dtype=torch.long),
+        "answer_weight": torch.tensor([e.answer_weight for e in examples], dtype=torch.float32),
     }
 
 
@@ -760,14 +767,17 @@ def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def answer_loss_and_hits(
     model: QZoomQwen2_5_VLForConditionalGeneration, batch: dict[str, torch.Tensor]
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean cross-entropy over the answer tokens, and per sample whether every answer token is the argmax."""
+    """Mean cross-entropy over the answer tokens, each sample's weighted by its ``answer_weight`` (``collate``'s; 1
+    where the batch has none), and per sample whether every answer token is the argmax."""
     out = model(**model_inputs(batch))
     logits = out.logits[:, :-1].float()  # (B, n-1, V): position i predicts token i + 1
     target = batch["labels"][:, 1:]  # (B, n-1)
-    loss = torch.nn.functional.cross_entropy(
-        logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=-100
-    )
+    per_token = torch.nn.functional.cross_entropy(
+        logits.transpose(1, 2), target, ignore_index=-100, reduction="none"
+    )  # (B, n-1), 0 where unscored
     scored = target != -100
+    weight = batch.get("answer_weight", torch.ones(target.shape[0]))
+    loss = (per_token * weight[:, None]).sum() / scored.sum().clamp_min(1)
     correct = (logits.argmax(-1) == target) | ~scored
     return loss, correct.all(dim=1)
 
@@ -870,6 +880,15 @@ def _draw_batch(
         crop_max = recipe.crop_max if mixed else recipe.crop_max_phase1
         zoom = _zoom(rng, recipe.zoom_frac, recipe.zoom_max)
         examples.append(builder.make(rng.choice(pool.items), view, rng, (recipe.crop_min, crop_max), zoom))
+    return _weigh_unreadable(examples, recipe)
+
+
+def _weigh_unreadable(examples: list[Example], recipe: BaseRecipe) -> list[Example]:
+    """Give the coarse views of detail questions (benchmark-size canvases: their detail is not legible) the answer
+    weight ``recipe.unreadable_answer_weight``."""
+    for e in examples:
+        if e.view == "coarse" and e.family in DETAIL_FAMILIES:
+            e.answer_weight = recipe.unreadable_answer_weight
     return examples
 
 
@@ -889,7 +908,7 @@ def _ground_phase_batch(
         rng.choice(pools["detail" if rng.random() < recipe.ground_detail_frac else "coarse"].items)
         for _ in range(recipe.mixed_batch_size)
     ]
-    return [builder.coarse(p) for p in picks], True
+    return _weigh_unreadable([builder.coarse(p) for p in picks], recipe), True
 
 
 def train_base(
