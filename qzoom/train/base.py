@@ -979,6 +979,8 @@ def train_base(
         ("ground", total),
     )
     pad_id = engine.pad_id
+    # The referent drills draw from their own stream, so that the phase leaves every later batch as it was without it.
+    referent_rng = random.Random(f"{recipe.seed}:referent")
     started = time.perf_counter()
     ema: float | None = None
     read_ema: float | None = None
@@ -1007,7 +1009,9 @@ def train_base(
         if phase == "referent":
             examples = [
                 builder.single(image, question, answer, family, "crop")
-                for image, question, answer, family in (referent_drill(rng) for _ in range(recipe.referent_batch_size))
+                for image, question, answer, family in (
+                    referent_drill(referent_rng) for _ in range(recipe.referent_batch_size)
+                )
             ]
         elif phase == "drills":
             examples = [
