@@ -1028,11 +1028,19 @@ def train_base(
             singles_only = step - crops_start < recipe.single_steps
             examples = _draw_batch(builder, pools, rng, recipe, phase == "mixed", singles_only)
         batch = collate(examples, pad_id)
+        if step == recipe.referent_steps and step > 0:
+            # The answering phases start as they would without the referent phase: from a fresh warmup and with
+            # Adam's moments cleared (primed by the referent loss alone). Without this the first drills ran at the
+            # full rate, and the reading checks fell below those of the same data without the referent phase
+            # (docs/demo_model.md, r4 against r2).
+            optimizer.state.clear()
         for group in optimizer.param_groups:
             group["lr"] = (
-                _lr_at(step - mixed_end, recipe.ground_steps, recipe, peak=recipe.ground_lr)
+                _lr_at(step, recipe.referent_steps, recipe)
+                if phase == "referent"
+                else _lr_at(step - mixed_end, recipe.ground_steps, recipe, peak=recipe.ground_lr)
                 if phase == "ground"
-                else _lr_at(step, mixed_end, recipe)
+                else _lr_at(step - recipe.referent_steps, mixed_end - recipe.referent_steps, recipe)
             )
         # Explicitly on: a caller (or a test before this one) may have turned autograd off process-wide.
         for probed in (probe, pointer_probe):
