@@ -193,11 +193,14 @@ def eval_demo(
     seed: Annotated[int, typer.Option(help="benchmark seed")] = 0,
     budgets: Annotated[str, typer.Option(help="no-zoom baseline budgets in tokens, comma-separated")] = "1024,4096",
     card: Annotated[bool, typer.Option("--card", help="write MODEL_CARD.md into the model directory")] = False,
+    plot: Annotated[
+        Path | None, typer.Option(help="also draw accuracy vs throughput of every configuration (a PNG)")
+    ] = None,
 ) -> None:
     """The demo model's targets on held-out synthetic items: coarse view vs Q-Zoom vs larger budgets, gate, SD-RPN."""
     from tqdm import tqdm
 
-    from qzoom.evals.demo import evaluate_demo, format_report, uncached_engine, write_model_card
+    from qzoom.evals.demo import evaluate_demo, format_report, plot_pareto, uncached_engine, write_model_card
     from qzoom.settings import get_settings
 
     _quiet_transformers()
@@ -214,6 +217,8 @@ def eval_demo(
     if card:
         path = write_model_card(model_dir, report, items=items, seed=seed, budgets=sizes)
         typer.echo(f"wrote {path}", err=True)
+    if plot is not None:
+        typer.echo(f"wrote {plot_pareto(report, plot)}", err=True)
 
 
 # The random benchmark model's shape (Qwen2.5-VL-7B's K/L by default) and the measurement, shared by the benchmarks.

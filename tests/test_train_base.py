@@ -788,6 +788,55 @@ def test_rpn_hit_rate_counts_a_target_inside_any_box_of_the_step():
     assert report.rpn_hit_rate() == pytest.approx(1 / 3)
 
 
+def _report_with_runs(points: dict[str, tuple[list[bool], float]]) -> DemoReport:
+    report = DemoReport(small_budget=256, budgets=(1024,))
+    report.detail = [True, False, True, False]
+    for name, (correct, seconds) in points.items():
+        report.runs[name] = RunStats(name, correct=correct, seconds=seconds)
+    return report
+
+
+def test_pareto_plot_draws_every_configuration_of_the_report(tmp_path):
+    from PIL import Image
+
+    from qzoom.evals.demo import plot_pareto
+
+    report = _report_with_runs(
+        {
+            "coarse@256": ([False, True, False, True], 1.0),
+            "baseline@1024": ([True, True, False, True], 4.0),
+            "qzoom@256": ([True, True, True, True], 1.5),
+            "forced@256": ([True, False, True, True], 2.0),
+        }
+    )
+    path = plot_pareto(report, tmp_path / "pareto.png")
+    with Image.open(path) as image:
+        assert image.format == "PNG" and image.width > 300 and image.height > 200
+        # Not a blank canvas: the points and the curve put colour on it.
+        colours = image.convert("RGB").getcolors(maxcolors=1 << 16)
+    assert colours is not None and len(colours) > 20
+
+
+def test_eval_demo_command_writes_the_plot(micro_dir, tmp_path):
+    out = CliRunner().invoke(
+        app,
+        [
+            "eval",
+            "demo",
+            "--model",
+            str(micro_dir),
+            "--items",
+            "2",
+            "--budgets",
+            "384",
+            "--plot",
+            str(tmp_path / "p.png"),
+        ],
+    )
+    assert out.exit_code == 0, out.output
+    assert (tmp_path / "p.png").stat().st_size > 1000 and "baseline@384" in out.output
+
+
 def test_eval_demo_command_rejects_bad_input(micro_dir):
     runner = CliRunner()
     out = runner.invoke(app, ["eval", "demo", "--model", str(micro_dir / "nope")])
