@@ -796,6 +796,20 @@ def _report_with_runs(points: dict[str, tuple[list[bool], float]]) -> DemoReport
     return report
 
 
+def test_item_pool_renders_ahead_without_changing_what_it_holds():
+    # The worker thread renders the next items by index; the pool takes them in order, so its contents are those of
+    # the sequential pool after the same refreshes (the training data does not depend on the thread's timing).
+    recipe = dataclasses.replace(MICRO, pool_size=3)
+    ahead = ItemPool(recipe, ("letter", "colour"), 40, "ahead", progress=False, prefetch=2)
+    plain = ItemPool(recipe, ("letter", "colour"), 40, "plain", progress=False, prefetch=0)
+    for pool in (ahead, plain):
+        pool.refresh(4)
+    for a, b in zip(ahead.items, plain.items, strict=True):
+        assert (a.item.index, a.item.question, a.item.answer) == (b.item.index, b.item.question, b.item.answer)
+        assert a.coarse.tobytes() == b.coarse.tobytes()
+    assert [p.item.index for p in plain.items] == [46, 44, 45]  # 40..42 first; 43..46 replace them round the ring
+
+
 def test_pareto_plot_draws_every_configuration_of_the_report(tmp_path):
     from PIL import Image
 

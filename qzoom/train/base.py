@@ -45,7 +45,9 @@ import dataclasses
 import math
 import random
 import time
+from collections import deque
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -786,7 +788,12 @@ def answer_loss_and_hits(
 
 
 class ItemPool:
-    """A rolling pool of train-split items, refreshed a few at a time (rendering costs ~60 ms an item)."""
+    """A rolling pool of train-split items, refreshed a few at a time (rendering costs ~60 ms an item).
+
+    The next ``prefetch`` items are rendered ahead on a worker thread (Pillow and numpy release the GIL while they
+    draw and resize), so rendering overlaps the training step. Items are rendered by index and taken in index order:
+    the pool's contents do not depend on the thread's timing.
+    """
 
     def __init__(
         self,
@@ -796,26 +803,33 @@ class ItemPool:
         desc: str,
         progress: bool = True,
         sides: tuple[int, int] = (896, 4096),
+        prefetch: int = 2,
     ) -> None:
         self.recipe = recipe
         self.families = tuple(families)
         self.sides = sides
-        self.next_index = start
+        self.next_index = start  # the index of the next item to render
+        self.prefetch = prefetch
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="qzoom-render") if prefetch else None
+        self._ahead: deque[Future[PoolItem]] = deque()
         self.items = [self._new() for _ in tqdm(range(recipe.pool_size), desc=desc, disable=not progress, leave=False)]
         self.cursor = 0
 
-    def _new(self) -> PoolItem:
+    def _render(self, index: int) -> PoolItem:
         r = self.recipe
         item = generate_item(
-            "train",
-            self.next_index,
-            seed=r.seed,
-            families=self.families,
-            min_side=self.sides[0],
-            max_side=self.sides[1],
+            "train", index, seed=r.seed, families=self.families, min_side=self.sides[0], max_side=self.sides[1]
         )
-        self.next_index += 1
         return pool_item(item, r.min_pixels, r.max_pixels, reach=r.crop_max)
+
+    def _new(self) -> PoolItem:
+        if self._worker is None:
+            self.next_index += 1
+            return self._render(self.next_index - 1)
+        while len(self._ahead) <= self.prefetch:
+            self._ahead.append(self._worker.submit(self._render, self.next_index))
+            self.next_index += 1
+        return self._ahead.popleft().result()
 
     def refresh(self, count: int) -> None:
         for _ in range(count):
