@@ -30,6 +30,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from qzoom import roi
 from qzoom.agent.zoom import result, run
@@ -304,11 +305,11 @@ def plot_pareto(report: DemoReport, path: str | Path) -> Path:
     small = report.small_budget
     curve = [f"coarse@{small}", *(f"baseline@{b}" for b in report.budgets)]
     fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=120)
-    xs, ys = zip(*(point(n) for n in curve), strict=True)
-    ax.plot(xs, ys, "o-", color="tab:gray", label="no zoom, budget grows")
-    for name, (x, y) in zip(curve, zip(xs, ys, strict=True), strict=True):
+    points = [point(n) for n in curve]
+    ax.plot(*zip(*points, strict=True), "o-", color="tab:gray", label="no zoom, budget grows")
+    for name, (x, y) in zip(curve, points, strict=True):
         ax.annotate(f"{name.split('@')[1]} tok", (x, y), textcoords="offset points", xytext=(6, -10), fontsize=8)
-    styles = {
+    styles: dict[str, dict[str, Any]] = {
         f"qzoom@{small}": dict(marker="*", markersize=15, color="tab:red", label=f"Q-Zoom @{small} (gate decides)"),
         f"forced@{small}": dict(marker="D", markersize=7, color="tab:blue", label=f"always zoom @{small}"),
         f"{GT_BOX}@{small}": dict(
@@ -318,7 +319,7 @@ def plot_pareto(report: DemoReport, path: str | Path) -> Path:
     for name, style in styles.items():
         if name in report.runs:
             x, y = point(name)
-            ax.plot([x], [y], linestyle="none", **style)  # type: ignore[arg-type]
+            ax.plot([x], [y], linestyle="none", **style)
     ax.set_xscale("log")
     ax.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))  # 2, not 2x10^0
     ax.xaxis.set_minor_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
