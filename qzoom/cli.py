@@ -535,9 +535,22 @@ def train_stage3_cmd(
     high_res_thresh: Annotated[
         str | None,
         typer.Option(
-            help="gate threshold to write into OUT: a number in (0, 1), or 'youden' (chosen on the training "
-            "examples after training); default: keep the model's"
+            help="gate threshold to write into OUT: a number in (0, 1), or a rule that chooses it after training: "
+            "'youden' (best TPR - FPR) or 'recall' (fire on --gate-recall of the wrong answers); default: keep the "
+            "model's"
         ),
+    ] = None,
+    gate_recall: Annotated[
+        float, typer.Option(min=0.0, max=1.0, help="--high-res-thresh recall: share of wrong answers to fire on")
+    ] = 0.95,
+    calibration: Annotated[
+        int,
+        typer.Option(
+            min=0, help="with --synthetic: N items of the val split choose the threshold (0: the training items)"
+        ),
+    ] = 0,
+    calibration_data: Annotated[
+        Path | None, typer.Option(help="JSONL of items (no box needed) that choose the threshold")
     ] = None,
     high_res_k: Annotated[int | None, typer.Option("--high-res-k", min=1, help="gate branch point (new gate)")] = None,
     high_res_t: Annotated[int | None, typer.Option("--high-res-t", min=1, help="gate depth (new gate)")] = None,
@@ -555,8 +568,12 @@ def train_stage3_cmd(
     max_new_tokens: TrainTokens = 32,
     mine_batch_size: TrainMineBatch = 8,
 ) -> None:
-    """Stage 3: label the gate from answers over a budget ladder (spec §5.2) and train the gate branch only."""
-    from qzoom.train.common import data_source
+    """Stage 3: label the gate from answers over a budget ladder (spec §5.2) and train the gate branch only.
+
+    A threshold rule reads the answers on --calibration-data, or on --calibration items of the synthetic val split,
+    else on the training items (whose gate scores are surer than a new question's).
+    """
+    from qzoom.train.common import JsonlItems, SyntheticItems, TrainItem, data_source
     from qzoom.train.stage3 import Stage3Config, train_stage3
 
     try:
@@ -564,21 +581,31 @@ def train_stage3_cmd(
     except ValueError:
         _fail(f"--ladder takes comma-separated token budgets such as 64,128,256,576,1024; got {ladder!r}")
     thresh: float | str | None = high_res_thresh
-    if high_res_thresh is not None and high_res_thresh != "youden":
+    if high_res_thresh is not None and high_res_thresh not in ("youden", "recall"):
         try:
             thresh = float(high_res_thresh)
         except ValueError:
             thresh = -1.0
         if not 0.0 < thresh < 1.0:
-            _fail(f"--high-res-thresh takes a number in (0, 1) or 'youden'; got {high_res_thresh!r}")
+            _fail(f"--high-res-thresh takes a number in (0, 1), 'youden' or 'recall'; got {high_res_thresh!r}")
 
     def build(config: Any) -> Path:
         items = data_source(data, synthetic, seed=data_seed, min_side=min_side, max_side=max_side)
-        return train_stage3(model, items, out, config)
+        cal: Sequence[TrainItem] | None = None
+        if calibration_data is not None:
+            cal = JsonlItems(calibration_data)
+        elif calibration > 0:
+            if not isinstance(items, SyntheticItems):
+                _fail(
+                    "--calibration N draws from the synthetic val split (with --synthetic); with --data, give "
+                    "--calibration-data FILE"
+                )
+            cal = SyntheticItems(calibration, split="val", seed=data_seed, min_side=min_side, max_side=max_side)
+        return train_stage3(model, items, out, config, calibration=cal)
 
     _train_run(
         "stage 3", Stage3Config, build, ladder=budgets, signal=signal, pool=pool, p_refine=p_refine,
-        max_samples=max_samples, high_res_thresh=thresh,
+        max_samples=max_samples, high_res_thresh=thresh, gate_recall=gate_recall,
         high_res_K=high_res_k, high_res_T=high_res_t, lr=lr, batch_size=batch_size, epochs=epochs,
         max_steps=max_steps, seed=seed, save_every=save_every, device=device, dtype=dtype,
         max_new_tokens=max_new_tokens, mine_batch_size=mine_batch_size,

@@ -32,6 +32,7 @@ from qzoom.train.labels import (
     prediction_vs_gt_label,
     select_heads_by_localisation,
     stage1_labels,
+    recall_threshold,
     youden_threshold,
 )
 
@@ -539,6 +540,33 @@ def test_youden_threshold_rejects_bad_input():
         youden_threshold([0.1, 0.2], [0])
     with pytest.raises(ValueError, match=r"0 \(the view was enough\)"):
         youden_threshold([0.1, 0.2], [0, -100])
+
+
+def test_recall_threshold_zooms_as_little_as_the_recall_allows():
+    scores = [0.1, 0.2, 0.3, 0.7, 0.4, 0.6, 0.8, 0.9]
+    labels = [0, 0, 0, 0, 1, 1, 1, 1]
+    # Half the positives (0.8, 0.9) are caught from 0.75 on, with the negative 0.7 left out: the highest such cut.
+    t = recall_threshold(scores, labels, 0.5)
+    assert t is not None and t.value == pytest.approx(0.75) and (t.tpr, t.fpr) == (0.5, 0.0)
+    # Three in four need 0.6 in: the cut drops below the negative 0.7, which fires too.
+    t = recall_threshold(scores, labels, 0.75)
+    assert t is not None and t.value == pytest.approx(0.5) and (t.tpr, t.fpr) == (0.75, 0.25)
+    # All of them: 0.35, where Youden's J also lands on this set.
+    t = recall_threshold(scores, labels, 1.0)
+    assert t is not None and t.value == pytest.approx(0.35) and (t.tpr, t.fpr) == (1.0, 0.25)
+
+
+def test_recall_threshold_fires_on_everything_when_the_lowest_score_is_a_positive():
+    t = recall_threshold([0.2, 0.5, 0.9], [1, 0, 1], 1.0)
+    assert t is not None and t.value == pytest.approx(0.1) and (t.tpr, t.fpr) == (1.0, 1.0)
+
+
+def test_recall_threshold_checks_its_input():
+    assert recall_threshold([0.2, 0.8], [1, 1], 0.9) is None  # one class: nothing to separate
+    with pytest.raises(ValueError, match=r"min_tpr .*\(0, 1\]"):
+        recall_threshold([0.2, 0.8], [0, 1], 0.0)
+    with pytest.raises(ValueError, match="labels"):
+        recall_threshold([0.1, 0.2], [0], 0.9)
 
 
 def test_gate_label_is_reproducible_and_follows_reference_rng_order():

@@ -29,6 +29,7 @@ from qzoom.train.labels import (
     answer_right,
     answer_to_image_attention_per_head,
     exact_match_judge,
+    recall_threshold,
     youden_threshold,
 )
 from qzoom.train.stage1 import Heads, Stage1Config, answer_attention, pseudo_labels, train_stage1
@@ -449,6 +450,36 @@ def test_stage3_youden_threshold_separates_the_gate_scores_the_engine_gives(base
     assert (chosen["tpr"], chosen["fpr"]) == (round(expected.tpr, 4), round(expected.fpr, 4))
 
 
+def test_stage3_recall_threshold_is_chosen_on_the_calibration_items(base_dir, tmp_path):
+    # The training items all have an answer the model never gives (one class: no rule could choose on them); the
+    # calibration items take the model's own answer on two of six: the threshold can only come from those.
+    pool = SyntheticItems(4, min_side=256, max_side=256)
+    training = [dataclasses.replace(item, answer="qqqq") for item in pool]
+    cal_pool = SyntheticItems(6, min_side=256, max_side=256, start=100)
+    own = top_budget_answers(base_dir, cal_pool, tokens=4)
+    calibration = [dataclasses.replace(item, answer=own[i] if i < 2 else "qqqq") for i, item in enumerate(cal_pool)]
+    config = Stage3Config(
+        ladder=[4, 101, 110], signal="prediction_vs_gt", pool="all", high_res_thresh="recall", gate_recall=0.75,
+        max_new_tokens=2, min_pixels=4 * 784, max_pixels=4 * 784, batch_size=2, max_steps=2, lr=1e-3, progress=False,
+    )  # fmt: skip
+    out = train_stage3(base_dir, training, tmp_path / "out", config, calibration=calibration)
+    chosen = json.loads((out / "trainer" / "state.json").read_text())["summary"]["threshold"]
+    assert (chosen["rule"], chosen["on"], chosen["items"], chosen["recall"]) == ("recall", "calibration", 6, 0.75)
+    assert (chosen["positives"], chosen["negatives"]) == (4, 2)
+    engine = QZoomEngine.from_pretrained(out)
+    assert engine.settings.high_res_thresh == chosen["value"]
+    opts = AskOptions(min_pixels=4 * 784, max_pixels=4 * 784, max_new_tokens=2)
+    states = [engine.new_state(item.image, item.question, opts) for item in calibration]
+    engine.prepare(states)
+    engine.encode(states)
+    engine.prefill(states)
+    scores = engine.gate(states)
+    labels = [0, 0, 1, 1, 1, 1]
+    expected = recall_threshold(scores, labels, 0.75)
+    assert expected is not None and chosen["value"] == pytest.approx(expected.value, abs=1e-4)
+    assert chosen["tpr"] >= 0.75 and chosen["tpr"] == round(expected.tpr, 4)
+
+
 def test_stage3_youden_keeps_the_threshold_when_every_label_is_the_same(base_dir, tmp_path):
     pool = SyntheticItems(4, min_side=256, max_side=256)  # the random model answers all of them wrong: labels all 1
     config = Stage3Config(
@@ -507,8 +538,16 @@ def test_train_commands_end_to_end(base_dir, items, tmp_path):
     # Stage 3 from the Stage-1 model on its own top-budget answers: these ladders are stable (see the Stage-3 test).
     data3 = write_jsonl(tmp_path / "data3", two, top_budget_answers(s1, two))
     args = ["train", "stage3", str(s1), str(s3), "--data", str(data3), "--ladder", "4,9,101,110", *steps]
-    result = runner.invoke(app, [*args, "--max-new-tokens", "2"])
+    result = runner.invoke(
+        app, [*args, "--max-new-tokens", "2", "--high-res-thresh", "recall", "--calibration-data", str(data)]
+    )
     assert result.exit_code == 0, result.output
+    summary = json.loads(next(line for line in result.stdout.splitlines() if line.startswith("{")))
+    assert (summary["threshold"]["on"], summary["threshold"]["items"], summary["threshold"]["recall"]) == (
+        "calibration",
+        2,
+        0.95,
+    )
     for directory in (s1, s2, s3):
         assert answers(directory, two[:1])
     assert QZoomEngine.from_pretrained(s3).has_gate
@@ -533,12 +572,20 @@ def test_train_command_errors_name_the_problem(base_dir, tmp_path, args, message
         (["--signal", "majority"], "consistency"),  # the accepted values are named
         (["--pool", "half"], "matched"),
         (["--high-res-thresh", "1.5"], "'youden'"),
-        (["--high-res-thresh", "best"], "'youden'"),
+        (["--high-res-thresh", "best"], "'recall'"),
+        (["--calibration", "3", "--gate-recall", "1.5"], "--gate-recall"),
     ],
 )
 def test_stage3_option_errors_name_the_accepted_values(base_dir, tmp_path, args, message):
     result = CliRunner().invoke(app, ["train", "stage3", str(base_dir), str(tmp_path / "o"), "--synthetic", "2", *args])
     assert result.exit_code == 2 and message in result.output
+
+
+def test_stage3_calibration_count_needs_the_synthetic_source(base_dir, items, tmp_path):
+    data = write_jsonl(tmp_path / "data", items[:2], [item.answer for item in items[:2]])
+    args = ["train", "stage3", str(base_dir), str(tmp_path / "o"), "--data", str(data), "--calibration", "3"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2 and "--calibration-data FILE" in result.output
 
 
 def test_jsonl_errors_name_the_line_and_field(base_dir, tmp_path):

@@ -769,15 +769,9 @@ class GateThreshold:
         return self.tpr - self.fpr
 
 
-def youden_threshold(scores: Sequence[float], labels: Sequence[int]) -> GateThreshold | None:
-    """The threshold on gate probabilities that maximises Youden's J = TPR - FPR on ``(score, label)`` pairs.
-
-    Candidates are the midpoints between consecutive distinct scores (each splits the set exactly where a value
-    between them would, and leaves the most room on either side for scores not seen here), so the result lies strictly
-    inside ``(0, 1)`` for probabilities. Ties in J go to the lowest candidate: when two thresholds separate the set
-    equally well, zooming more often costs time, skipping costs answers. None when the labels hold one class only
-    or every score is the same (nothing to separate).
-    """
+def _separable(scores: Sequence[float], labels: Sequence[int]) -> tuple[int, int, list[float]] | None:
+    """``(positives, negatives, distinct scores ascending)``, or None when there is nothing to separate (one class
+    only, or one score); ValueError on malformed input."""
     if len(scores) != len(labels):
         raise ValueError(f"{len(scores)} scores for {len(labels)} labels")
     if any(label not in (0, 1) for label in labels):
@@ -787,6 +781,22 @@ def youden_threshold(scores: Sequence[float], labels: Sequence[int]) -> GateThre
     distinct = sorted(set(float(s) for s in scores))
     if positives == 0 or negatives == 0 or len(distinct) < 2:
         return None
+    return positives, negatives, distinct
+
+
+def youden_threshold(scores: Sequence[float], labels: Sequence[int]) -> GateThreshold | None:
+    """The threshold on gate probabilities that maximises Youden's J = TPR - FPR on ``(score, label)`` pairs.
+
+    Candidates are the midpoints between consecutive distinct scores (each splits the set exactly where a value
+    between them would, and leaves the most room on either side for scores not seen here), so the result lies strictly
+    inside ``(0, 1)`` for probabilities. Ties in J go to the lowest candidate: when two thresholds separate the set
+    equally well, zooming more often costs time, skipping costs answers. None when the labels hold one class only
+    or every score is the same (nothing to separate).
+    """
+    checked = _separable(scores, labels)
+    if checked is None:
+        return None
+    positives, negatives, distinct = checked
     best: GateThreshold | None = None
     for low, high in itertools.pairwise(distinct):
         value = (low + high) / 2
@@ -795,6 +805,31 @@ def youden_threshold(scores: Sequence[float], labels: Sequence[int]) -> GateThre
         if best is None or tpr - fpr > best.youden_j:
             best = GateThreshold(value=value, tpr=tpr, fpr=fpr, positives=positives, negatives=negatives)
     return best
+
+
+def recall_threshold(scores: Sequence[float], labels: Sequence[int], min_tpr: float) -> GateThreshold | None:
+    """The highest threshold on gate probabilities that still fires on at least ``min_tpr`` of the positives.
+
+    The gate's job is asymmetric: a missed zoom costs an answer, a needless one costs time. Youden's J weighs both
+    alike; this rule fixes the share of wrong views the gate must catch (the recall a deployment promises) and then
+    zooms as little as that allows (the highest such threshold has the lowest FPR). Candidates are the midpoints of
+    :func:`youden_threshold`, plus half the lowest score (fire on everything), so ``min_tpr=1`` always has an answer.
+    None when the labels hold one class only or every score is the same.
+    """
+    if not 0.0 < min_tpr <= 1.0:
+        raise ValueError(f"min_tpr is a share of the positives in (0, 1]; got {min_tpr}")
+    checked = _separable(scores, labels)
+    if checked is None:
+        return None
+    positives, negatives, distinct = checked
+    candidates = [distinct[0] / 2] + [(low + high) / 2 for low, high in itertools.pairwise(distinct)]
+    for value in reversed(candidates):  # highest first: the first that reaches min_tpr zooms least
+        fired = [label for s, label in zip(scores, labels, strict=True) if s >= value]
+        tpr = sum(fired) / positives
+        if tpr >= min_tpr:
+            fpr = (len(fired) - sum(fired)) / negatives
+            return GateThreshold(value=value, tpr=tpr, fpr=fpr, positives=positives, negatives=negatives)
+    raise AssertionError("the lowest candidate fires on every score")  # unreachable: TPR is 1 there
 
 
 # ---------------------------------------------------------------------------------------------------------------------

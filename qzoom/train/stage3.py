@@ -22,10 +22,13 @@ Contract of :func:`train_stage3`:
 3. **Training.** At the drawn budget the frozen layers below the branch point give the last prompt token's
    hidden state route; the gate layers run on it with gradients and ``high_res_head`` gives a logit (the same
    computation as ``engine.gate``: last prompt token, no final norm). BCE with the label.
-4. **Threshold** (``config.high_res_thresh``): a number is written into the checkpoint as it is; ``"youden"``: every
-   item is answered once more on the coarse view as served, and the threshold that best separates the trained
-   gate's scores of the wrong answers from the right ones is written (:func:`choose_threshold`; not in the paper,
-   which tunes τ_gate per benchmark), recorded with its TPR and FPR in the run summary; None keeps the model's.
+4. **Threshold** (``config.high_res_thresh``): a number is written into the checkpoint as it is; ``"youden"`` or
+   ``"recall"``: every item is answered once more on the coarse view as served, and the trained gate's scores of the
+   wrong answers against the right ones choose it (:func:`choose_threshold`; not in the paper, which tunes τ_gate per
+   benchmark): the best Youden's J, or the highest threshold that fires on ``config.gate_recall`` of the wrong
+   answers. It is recorded with its TPR and FPR in the run summary; None keeps the model's. The items answered are
+   ``calibration`` when given (items the gate did not train on, whose scores are as sure as a new question's), else
+   the training items.
 5. A model with an SD-RPN but no gate gets one first: ``high_res_layers`` copied from ``layers[K:K+T]`` (the
    documented intent, spec §9.6), a fresh ``high_res_head``; ``high_res_K`` / ``high_res_T`` default to the twig's.
 """
@@ -69,8 +72,11 @@ from qzoom.train.labels import (
     gate_step_label,
     prediction_vs_gt_label,
     prediction_vs_gt_range,
+    recall_threshold,
     youden_threshold,
 )
+
+ThresholdRule = Literal["youden", "recall"]
 
 LADDER_FILE = "stage3_ladders.jsonl"
 EXAMPLES_FILE = "stage3_examples.json"
@@ -92,10 +98,13 @@ class Stage3Config(TrainConfig):
     p_refine: float = Field(0.9, ge=0, le=1, description="probability of drawing a 'needs zoom' step on a transition")
     max_samples: int | None = Field(20000, ge=1, description="ladders kept after filtering (None: all)")
     strip_gt_punctuation: bool = False
-    high_res_thresh: Annotated[float, Field(gt=0, lt=1)] | Literal["youden"] | None = Field(
+    high_res_thresh: Annotated[float, Field(gt=0, lt=1)] | ThresholdRule | None = Field(
         None,
-        description="gate decision threshold written into the checkpoint: a number in (0, 1); 'youden', chosen on "
-        "the training examples after training (youden_threshold); None keeps the model's",
+        description="gate decision threshold written into the checkpoint: a number in (0, 1); 'youden' or 'recall', "
+        "chosen on the training items after training (choose_threshold); None keeps the model's",
+    )
+    gate_recall: float = Field(
+        0.95, gt=0, le=1, description="high_res_thresh='recall': the share of wrong coarse answers the gate fires on"
     )
     high_res_K: int | None = Field(None, ge=1, description="gate branch point for a model without a gate (twig_K)")
     high_res_T: int | None = Field(None, ge=1, description="gate depth for a model without a gate (twig_T)")
@@ -197,18 +206,13 @@ def stage3_loss(
     return F.binary_cross_entropy_with_logits(logits.float(), labels)
 
 
-def choose_threshold(engine: QZoomEngine, items: Sequence[TrainItem], config: Stage3Config) -> GateThreshold | None:
-    """The threshold at which the trained gate best tells, on the coarse view as served (the pixel budget of
-    ``config.options()``: the checkpoint's unless the run sets one), the items the model answers wrong there from
-    those it answers right (:func:`~qzoom.train.labels.answer_right` against GT; Youden's J,
-    :func:`~qzoom.train.labels.youden_threshold`).
+def gate_scores(engine: QZoomEngine, items: Sequence[TrainItem], config: Stage3Config) -> tuple[list[float], list[int]]:
+    """The trained gate's probability on each item's coarse view as served (the pixel budget of ``config.options()``:
+    the checkpoint's unless the run sets one), and whether the model answers the item wrong there (1) or right (0,
+    :func:`~qzoom.train.labels.answer_right` against GT).
 
-    At the view the gate decides on, not at the ladder's budgets it was trained across: on the demo model the examples'
-    mixed budgets (a quarter of them at 64 tokens, where the coarse questions fail too) put the threshold at 0.89,
-    which would skip the pattern questions the gate is for. The gate's probability comes from the training path
-    (:func:`gate_logits`): the engine's prefix cache may hold gate outputs from before training. The gate has seen
-    these items, so its scores are a little surer than on new questions; the threshold is one number fitted on
-    hundreds.
+    The probability comes from the training path (:func:`gate_logits`): the engine's prefix cache may hold gate
+    outputs from before training.
     """
     scores: list[float] = []
     labels: list[int] = []
@@ -224,6 +228,25 @@ def choose_threshold(engine: QZoomEngine, items: Sequence[TrainItem], config: St
         engine.finish(states)
         engine.decode(states)
         labels += [0 if answer_right(st.answer, item.answer) else 1 for st, item in zip(states, chunk, strict=True)]
+    return scores, labels
+
+
+def choose_threshold(
+    engine: QZoomEngine, items: Sequence[TrainItem], config: Stage3Config, rule: ThresholdRule
+) -> GateThreshold | None:
+    """The threshold at which the trained gate tells the items the model answers wrong on the coarse view as served
+    from those it answers right (:func:`gate_scores`): by ``rule``, the best Youden's J
+    (:func:`~qzoom.train.labels.youden_threshold`) or the highest threshold that fires on ``config.gate_recall`` of
+    the wrong ones (:func:`~qzoom.train.labels.recall_threshold`).
+
+    At the view the gate decides on, not at the ladder's budgets it was trained across: on the demo model the examples'
+    mixed budgets (a quarter of them at 64 tokens, where the coarse questions fail too) put the threshold at 0.89,
+    which would skip the pattern questions the gate is for. The gate has seen these items, so its scores are a little
+    surer than on new questions; the threshold is one number fitted on hundreds.
+    """
+    scores, labels = gate_scores(engine, items, config)
+    if rule == "recall":
+        return recall_threshold(scores, labels, config.gate_recall)
     return youden_threshold(scores, labels)
 
 
@@ -232,13 +255,21 @@ def train_stage3(
     items: Sequence[TrainItem],
     out_dir: str | Path,
     config: Stage3Config | None = None,
+    calibration: Sequence[TrainItem] | None = None,
 ) -> Path:
     """Stage 3 on `items` (image, question, reference answer) -> a qzoom checkpoint with a trained gate in `out_dir`.
 
-    Resumable like every stage: rerunning with the same arguments continues; a finished run returns at once.
+    `calibration`: items (image, question, reference answer) that only choose the threshold of a rule
+    (``config.high_res_thresh`` "youden" / "recall"); default: the training items. Resumable like every stage:
+    rerunning with the same arguments continues; a finished run returns at once.
     """
     config = config or Stage3Config()
-    identity = {"model": str(Path(model_dir).resolve()), "items": items_fingerprint(items), **config.run_identity()}
+    identity = {
+        "model": str(Path(model_dir).resolve()),
+        "items": items_fingerprint(items),
+        "calibration": items_fingerprint(calibration) if calibration else None,
+        **config.run_identity(),
+    }
     run = RunDir(out_dir, "stage3", identity)
     if run.done:
         return run.out
@@ -281,14 +312,19 @@ def train_stage3(
     summary: dict[str, Any] = {**counts, "steps": result.steps, "last_loss": result.last_loss, "lr": config.lr}
     # What the gate's probability means depends on its labels (a consistency transition vs a wrong answer), so the
     # stage that trains it may set the threshold it is read at.
-    if config.high_res_thresh == "youden":
-        chosen = choose_threshold(engine, items, config)
+    if isinstance(config.high_res_thresh, str):
+        rule = config.high_res_thresh
+        on = calibration or items
+        chosen = choose_threshold(engine, on, config, rule)
+        recorded: dict[str, Any] = {"rule": rule, "on": "calibration" if calibration else "training", "items": len(on)}
+        if rule == "recall":
+            recorded["recall"] = config.gate_recall
         if chosen is None:
-            summary["threshold"] = {"rule": "youden", "value": None, "why": "the answers were all right or all wrong"}
+            summary["threshold"] = {**recorded, "value": None, "why": "the answers were all right or all wrong"}
         else:
             model.config.high_res_thresh = round(chosen.value, 4)
             summary["threshold"] = {
-                "rule": "youden",
+                **recorded,
                 "value": model.config.high_res_thresh,
                 "tpr": round(chosen.tpr, 4),
                 "fpr": round(chosen.fpr, 4),
