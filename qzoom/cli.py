@@ -7,6 +7,7 @@
     qzoom bench engine                   gate-closed vs stock generate, KV-reuse vs recompute (ratios in one run)
     qzoom bench followup                 a follow-up question vs a cold one, from L1 and from Redis (L2)
     qzoom train stage1|stage2|stage3 MODEL OUT (--data FILE.jsonl | --synthetic N)   the Q-Zoom training stages
+    qzoom train gate-threshold MODEL (--data FILE.jsonl | --synthetic N)   choose τ_gate on labelled items
 
 `qzoom ask --json` prints exactly one JSON object, the contract of DESIGN.md; everything else goes to stderr.
 """
@@ -673,6 +674,67 @@ def train_boxes_cmd(
         _fail(str(err))
     typer.echo(f"boxes: roi_thresh {chosen.roi_thresh:g}, {chosen.max_boxes} box(es) per step, written to {model}")
     typer.echo(json.dumps(chosen.right))
+
+
+@train_app.command("gate-threshold")
+def train_gate_threshold_cmd(
+    model: Annotated[
+        Path, typer.Argument(help="checkpoint directory with a gate; its config.json is updated in place")
+    ],
+    data: TrainData = None,
+    synthetic: Annotated[
+        int | None, typer.Option("--synthetic", min=2, help="N items of the synthetic val split")
+    ] = None,
+    rule: Annotated[
+        Literal["youden", "recall"],
+        typer.Option(
+            help="youden: best TPR - FPR; recall: the highest threshold firing on --gate-recall of wrong answers"
+        ),
+    ] = "youden",
+    gate_recall: Annotated[
+        float, typer.Option(min=0.0, max=1.0, help="--rule recall: share of wrong coarse answers to fire on")
+    ] = 0.95,
+    data_seed: TrainDataSeed = 0,
+    min_side: TrainSide = 896,
+    max_side: TrainSide = 4096,
+    device: TrainDevice = "cpu",
+    min_pixels: TrainPixels = None,
+    max_pixels: TrainPixels = None,
+    max_new_tokens: TrainTokens = 32,
+    batch_size: TrainMineBatch = 8,
+) -> None:
+    """Choose τ_gate of a trained checkpoint on labelled items (no training) and write it into MODEL.
+
+    Every item is answered on the coarse view at the checkpoint's budget (or --min-pixels/--max-pixels); the gate's
+    scores of the wrong answers against the right ones choose the threshold by --rule. Only answers are read.
+    """
+    import json
+
+    from pydantic import ValidationError
+
+    from qzoom.checkpoint import CheckpointError
+    from qzoom.images import ImageError
+    from qzoom.train.common import TrainingError, data_source
+    from qzoom.train.stage3 import Stage3Config, calibrate_gate
+
+    _quiet_transformers()
+    try:
+        config = Stage3Config(
+            gate_recall=gate_recall, device=device, min_pixels=min_pixels, max_pixels=max_pixels,
+            max_new_tokens=max_new_tokens, mine_batch_size=batch_size,
+        )  # fmt: skip
+        items = data_source(data, synthetic, seed=data_seed, split="val", min_side=min_side, max_side=max_side)
+        source = str(data) if data is not None else f"synthetic val split (seed {data_seed})"
+        record = calibrate_gate(model, items, config, rule, source=source)
+    except ValidationError as err:
+        _fail("; ".join(f"{'.'.join(map(str, e['loc'])) or 'gate'}: {e['msg']}" for e in err.errors()))
+    except (TrainingError, CheckpointError, ImageError, OSError) as err:
+        _fail(str(err))
+    if record["value"] is None:
+        typer.echo(f"gate threshold: unchanged ({record['why']})")
+    else:
+        typer.echo(f"gate threshold: {record['value']} ({rule}), written to {model}")
+    typer.echo(json.dumps(record))
 
 
 @train_app.command("demo")

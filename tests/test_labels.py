@@ -30,9 +30,9 @@ from qzoom.train.labels import (
     padding_cells,
     parse_judge_reply,
     prediction_vs_gt_label,
+    recall_threshold,
     select_heads_by_localisation,
     stage1_labels,
-    recall_threshold,
     youden_threshold,
 )
 

@@ -581,6 +581,54 @@ def test_stage3_option_errors_name_the_accepted_values(base_dir, tmp_path, args,
     assert result.exit_code == 2 and message in result.output
 
 
+def test_gate_threshold_command_writes_the_threshold_the_scores_choose(base_dir, tmp_path):
+    model = Path(shutil.copytree(base_dir, tmp_path / "model"))
+    pool = list(SyntheticItems(6, min_side=256, max_side=256))
+    own = top_budget_answers(model, pool, tokens=4)
+    data = write_jsonl(tmp_path / "data", pool, [own[i] if i % 2 == 0 else "qqqq" for i in range(6)])
+    budget = ["--min-pixels", str(4 * 784), "--max-pixels", str(4 * 784), "--max-new-tokens", "2"]
+    args = ["train", "gate-threshold", str(model), "--data", str(data), "--rule", "recall", "--gate-recall", "0.6"]
+    result = CliRunner().invoke(app, [*args, *budget])
+    assert result.exit_code == 0, result.output
+    record = json.loads(result.stdout.splitlines()[-1])
+    assert (record["rule"], record["on"], record["items"], record["recall"]) == ("recall", str(data), 6, 0.6)
+    assert (record["positives"], record["negatives"]) == (3, 3) and record["tpr"] >= 0.6
+    saved = json.loads((model / "config.json").read_text())
+    assert saved["high_res_thresh"] == record["value"]
+    assert saved["qzoom_training"][-1] == {"stage": "gate_threshold", "threshold": record}
+    # The threshold is the rule applied to the gate's scores as the engine serves them.
+    engine = QZoomEngine.from_pretrained(model)
+    assert engine.settings.high_res_thresh == record["value"]
+    opts = AskOptions(min_pixels=4 * 784, max_pixels=4 * 784, max_new_tokens=2)
+    states = [engine.new_state(item.image, item.question, opts) for item in pool]
+    engine.prepare(states)
+    engine.encode(states)
+    engine.prefill(states)
+    expected = recall_threshold(engine.gate(states), [0, 1, 0, 1, 0, 1], 0.6)
+    assert expected is not None and record["value"] == pytest.approx(expected.value, abs=1e-4)
+    # A second calibration replaces the record instead of piling up.
+    result = CliRunner().invoke(app, [*args[:-4], "--rule", "youden", *budget])
+    assert result.exit_code == 0, result.output
+    history = json.loads((model / "config.json").read_text())["qzoom_training"]
+    assert [e["threshold"]["rule"] for e in history if e["stage"] == "gate_threshold"] == ["youden"]
+
+
+def test_gate_threshold_command_needs_a_gate_and_two_classes(base_dir, tmp_path):
+    no_gate = enable_qzoom(tiny_qwen25vl_config(build_tokenizer()), twig_K=2, twig_T=2, enable_high_res=False)
+    processor = build_processor(build_tokenizer(), min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS)
+    plain = save_checkpoint(QZoomQwen2_5_VLForConditionalGeneration(no_gate), processor, tmp_path / "plain")
+    result = CliRunner().invoke(app, ["train", "gate-threshold", str(plain), "--synthetic", "2"])
+    assert result.exit_code == 2 and "has no gate" in result.output
+    # The random model answers every synthetic item wrong: nothing to separate, and the threshold stays.
+    model = Path(shutil.copytree(base_dir, tmp_path / "model"))
+    before = (model / "config.json").read_text()
+    args = ["train", "gate-threshold", str(model), "--synthetic", "3", "--max-new-tokens", "2", "--max-side", "256"]
+    result = CliRunner().invoke(app, [*args, "--min-side", "256"])
+    assert result.exit_code == 0, result.output
+    assert "unchanged (the answers were all right or all wrong)" in result.stdout
+    assert (model / "config.json").read_text() == before
+
+
 def test_stage3_calibration_count_needs_the_synthetic_source(base_dir, items, tmp_path):
     data = write_jsonl(tmp_path / "data", items[:2], [item.answer for item in items[:2]])
     args = ["train", "stage3", str(base_dir), str(tmp_path / "o"), "--data", str(data), "--calibration", "3"]

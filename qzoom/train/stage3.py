@@ -31,11 +31,15 @@ Contract of :func:`train_stage3`:
    the training items.
 5. A model with an SD-RPN but no gate gets one first: ``high_res_layers`` copied from ``layers[K:K+T]`` (the
    documented intent, spec §9.6), a fresh ``high_res_head``; ``high_res_K`` / ``high_res_T`` default to the twig's.
+
+:func:`calibrate_gate` (``qzoom train gate-threshold``) is step 4 alone on a finished checkpoint: the same rules on
+the items given, the threshold written into its ``config.json``, no weight changed.
 """
 
 from __future__ import annotations
 
 import itertools
+import json
 import random
 from collections.abc import Sequence
 from pathlib import Path
@@ -52,6 +56,7 @@ from qzoom.train.common import (
     TrainingError,
     TrainItem,
     answer_batch,
+    atomic_write_text,
     fit,
     items_fingerprint,
     load_for_training,
@@ -250,6 +255,60 @@ def choose_threshold(
     return youden_threshold(scores, labels)
 
 
+def threshold_record(
+    rule: ThresholdRule, chosen: GateThreshold | None, config: Stage3Config, *, on: str, items: int
+) -> dict[str, Any]:
+    """What a run summary records of a chosen threshold: the rule, the items it read (``on``: which ones, and how
+    many), the value written (4 decimals; None with the reason when nothing could be chosen) with its TPR and FPR."""
+    record: dict[str, Any] = {"rule": rule, "on": on, "items": items}
+    if rule == "recall":
+        record["recall"] = config.gate_recall
+    if chosen is None:
+        return {**record, "value": None, "why": "the answers were all right or all wrong"}
+    return {
+        **record,
+        "value": round(chosen.value, 4),
+        "tpr": round(chosen.tpr, 4),
+        "fpr": round(chosen.fpr, 4),
+        "positives": chosen.positives,
+        "negatives": chosen.negatives,
+    }
+
+
+def calibrate_gate(
+    model_dir: str | Path,
+    items: Sequence[TrainItem],
+    config: Stage3Config,
+    rule: ThresholdRule = "youden",
+    *,
+    source: str = "given",
+) -> dict[str, Any]:
+    """Choose τ_gate for a trained checkpoint on `items` by `rule` (:func:`choose_threshold`) and write it into
+    ``model_dir/config.json`` (``high_res_thresh``, and the :func:`threshold_record` in ``qzoom_training`` as stage
+    ``gate_threshold``; ``source`` names the items there); returns the record. Nothing is written when the answers
+    hold one class only.
+
+    The paper tunes τ_gate per benchmark: this is that step, on a user's own labelled items, without training
+    (``qzoom train gate-threshold``). It reads the items' answers, never a box.
+    """
+    if len(items) < 2:
+        raise TrainingError(f"gate calibration needs at least two items with a reference answer; got {len(items)}")
+    model, processor = load_for_training(model_dir, config)
+    if not model.qzoom.enable_high_res:
+        raise TrainingError(f"{model_dir} has no gate (enable_high_res is false): train Stage 3 first")
+    engine = make_engine(model, processor)
+    chosen = choose_threshold(engine, items, config, rule)
+    record = threshold_record(rule, chosen, config, on=source, items=len(items))
+    if record["value"] is not None:
+        path = Path(model_dir) / "config.json"
+        saved = json.loads(path.read_text(encoding="utf-8"))
+        saved["high_res_thresh"] = record["value"]
+        history = [e for e in saved.get("qzoom_training") or [] if e.get("stage") != "gate_threshold"]
+        saved["qzoom_training"] = [*history, {"stage": "gate_threshold", "threshold": record}]
+        atomic_write_text(path, json.dumps(saved, indent=2, sort_keys=True) + "\n")
+    return record
+
+
 def train_stage3(
     model_dir: str | Path,
     items: Sequence[TrainItem],
@@ -313,24 +372,13 @@ def train_stage3(
     # What the gate's probability means depends on its labels (a consistency transition vs a wrong answer), so the
     # stage that trains it may set the threshold it is read at.
     if isinstance(config.high_res_thresh, str):
-        rule = config.high_res_thresh
         on = calibration or items
-        chosen = choose_threshold(engine, on, config, rule)
-        recorded: dict[str, Any] = {"rule": rule, "on": "calibration" if calibration else "training", "items": len(on)}
-        if rule == "recall":
-            recorded["recall"] = config.gate_recall
-        if chosen is None:
-            summary["threshold"] = {**recorded, "value": None, "why": "the answers were all right or all wrong"}
-        else:
-            model.config.high_res_thresh = round(chosen.value, 4)
-            summary["threshold"] = {
-                **recorded,
-                "value": model.config.high_res_thresh,
-                "tpr": round(chosen.tpr, 4),
-                "fpr": round(chosen.fpr, 4),
-                "positives": chosen.positives,
-                "negatives": chosen.negatives,
-            }
+        chosen = choose_threshold(engine, on, config, config.high_res_thresh)
+        summary["threshold"] = threshold_record(
+            config.high_res_thresh, chosen, config, on="calibration" if calibration else "training", items=len(on)
+        )
+        if chosen is not None:
+            model.config.high_res_thresh = summary["threshold"]["value"]
     elif config.high_res_thresh is not None:
         model.config.high_res_thresh = config.high_res_thresh
     return run.finish(model, processor, summary)
