@@ -808,6 +808,12 @@ def test_item_pool_renders_ahead_without_changing_what_it_holds():
         assert (a.item.index, a.item.question, a.item.answer) == (b.item.index, b.item.question, b.item.answer)
         assert a.coarse.tobytes() == b.coarse.tobytes()
     assert [p.item.index for p in plain.items] == [46, 44, 45]  # 40..42 first; 43..46 replace them round the ring
+    # Closed after training: the worker stops, a closed pool renders nothing more, what it holds stays.
+    ahead.close()
+    plain.close()  # no worker: nothing to stop
+    with pytest.raises(RuntimeError, match="shutdown"):
+        ahead.refresh(1)
+    assert [p.item.index for p in ahead.items] == [46, 44, 45]
 
 
 def test_pareto_plot_draws_every_configuration_of_the_report(tmp_path):

@@ -418,6 +418,19 @@ def test_stage3_prediction_vs_gt_writes_its_threshold(tmp_path):
     assert QZoomEngine.from_pretrained(out).settings.high_res_thresh == 0.5
 
 
+def served_gate(engine: QZoomEngine, items, tokens: int = 4) -> tuple[list[float], list[str]]:
+    """The gate's probability and the answer of each item on its coarse view as served at ``tokens`` tokens."""
+    opts = AskOptions(min_pixels=tokens * 784, max_pixels=tokens * 784, max_new_tokens=2)
+    states = [engine.new_state(item.image, item.question, opts) for item in items]
+    engine.prepare(states)
+    engine.encode(states)
+    engine.prefill(states)
+    scores = engine.gate(states)
+    engine.finish(states)
+    engine.decode(states)
+    return scores, [st.answer for st in states]
+
+
 def test_stage3_youden_threshold_separates_the_gate_scores_the_engine_gives(base_dir, tmp_path):
     # The run serves (and calibrates) at 4 tokens. Half the items take the model's own answer there as GT (right),
     # the other half an answer it never gives (wrong): both classes, by design.
@@ -435,15 +448,8 @@ def test_stage3_youden_threshold_separates_the_gate_scores_the_engine_gives(base
     assert chosen["rule"] == "youden" and engine.settings.high_res_thresh == chosen["value"]
     assert (chosen["positives"], chosen["negatives"]) == (3, 3)
     # The scores it was chosen on are the trained gate's at inference: recompute them, and the answers, afresh.
-    opts = AskOptions(min_pixels=4 * 784, max_pixels=4 * 784, max_new_tokens=2)
-    states = [engine.new_state(item.image, item.question, opts) for item in items]
-    engine.prepare(states)
-    engine.encode(states)
-    engine.prefill(states)
-    scores = engine.gate(states)
-    engine.finish(states)
-    engine.decode(states)
-    labels = [0 if answer_right(st.answer, item.answer) else 1 for st, item in zip(states, items, strict=True)]
+    scores, answered = served_gate(engine, items)
+    labels = [0 if answer_right(a, item.answer) else 1 for a, item in zip(answered, items, strict=True)]
     assert labels == [0, 1, 0, 1, 0, 1]
     expected = youden_threshold(scores, labels)
     assert expected is not None and chosen["value"] == pytest.approx(expected.value, abs=1e-4)
@@ -468,14 +474,8 @@ def test_stage3_recall_threshold_is_chosen_on_the_calibration_items(base_dir, tm
     assert (chosen["positives"], chosen["negatives"]) == (4, 2)
     engine = QZoomEngine.from_pretrained(out)
     assert engine.settings.high_res_thresh == chosen["value"]
-    opts = AskOptions(min_pixels=4 * 784, max_pixels=4 * 784, max_new_tokens=2)
-    states = [engine.new_state(item.image, item.question, opts) for item in calibration]
-    engine.prepare(states)
-    engine.encode(states)
-    engine.prefill(states)
-    scores = engine.gate(states)
-    labels = [0, 0, 1, 1, 1, 1]
-    expected = recall_threshold(scores, labels, 0.75)
+    scores, _ = served_gate(engine, calibration)
+    expected = recall_threshold(scores, [0, 0, 1, 1, 1, 1], 0.75)
     assert expected is not None and chosen["value"] == pytest.approx(expected.value, abs=1e-4)
     assert chosen["tpr"] >= 0.75 and chosen["tpr"] == round(expected.tpr, 4)
 
@@ -599,12 +599,8 @@ def test_gate_threshold_command_writes_the_threshold_the_scores_choose(base_dir,
     # The threshold is the rule applied to the gate's scores as the engine serves them.
     engine = QZoomEngine.from_pretrained(model)
     assert engine.settings.high_res_thresh == record["value"]
-    opts = AskOptions(min_pixels=4 * 784, max_pixels=4 * 784, max_new_tokens=2)
-    states = [engine.new_state(item.image, item.question, opts) for item in pool]
-    engine.prepare(states)
-    engine.encode(states)
-    engine.prefill(states)
-    expected = recall_threshold(engine.gate(states), [0, 1, 0, 1, 0, 1], 0.6)
+    scores, _ = served_gate(engine, pool)
+    expected = recall_threshold(scores, [0, 1, 0, 1, 0, 1], 0.6)
     assert expected is not None and record["value"] == pytest.approx(expected.value, abs=1e-4)
     # A second calibration replaces the record instead of piling up.
     result = CliRunner().invoke(app, [*args[:-4], "--rule", "youden", *budget])

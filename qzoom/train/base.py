@@ -836,6 +836,12 @@ class ItemPool:
             self.items[self.cursor] = self._new()
             self.cursor = (self.cursor + 1) % len(self.items)
 
+    def close(self) -> None:
+        """Stop the worker thread; the items rendered ahead and not taken are dropped."""
+        if self._worker is not None:
+            self._worker.shutdown(wait=False, cancel_futures=True)
+            self._ahead.clear()
+
 
 def _ema(ema: float | None, value: float) -> float:
     return value if ema is None else 0.95 * ema + 0.05 * value
@@ -1115,6 +1121,8 @@ def train_base(
         if probed is not None:
             probed.remove()
     log(f"base: {total} steps in {time.perf_counter() - started:.0f} s, final loss (EMA) {ema or 0:.4f}")
+    for pool in pools.values():
+        pool.close()
     if checks:
         _log_checks(engine, checks, log, "final", scene_checks)
     model.requires_grad_(True)

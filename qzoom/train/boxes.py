@@ -25,7 +25,6 @@ did not carry to the test split, and zoomed count questions lost; docs/demo_mode
 from __future__ import annotations
 
 import contextlib
-import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -38,10 +37,10 @@ from qzoom.train.common import (
     TrainingError,
     TrainItem,
     answer_batch,
-    atomic_write_text,
     items_fingerprint,
     load_frozen,
     make_engine,
+    update_config,
 )
 from qzoom.train.labels import Judge, exact_match_judge
 
@@ -147,11 +146,5 @@ def calibrate_boxes(
 
 def write_box_settings(model_dir: str | Path, calibration: BoxCalibration) -> Path:
     """Record the chosen ``roi_thresh`` and ``max_boxes`` (and the scores) in ``model_dir/config.json``."""
-    path = Path(model_dir) / "config.json"
-    config = json.loads(path.read_text(encoding="utf-8"))
-    config["roi_thresh"] = calibration.roi_thresh
-    config["max_boxes"] = calibration.max_boxes
-    history = [e for e in config.get("qzoom_training") or [] if e.get("stage") != "boxes"]
-    config["qzoom_training"] = [*history, calibration.as_record()]
-    atomic_write_text(path, json.dumps(config, indent=2, sort_keys=True) + "\n")
-    return path
+    settings = {"roi_thresh": calibration.roi_thresh, "max_boxes": calibration.max_boxes}
+    return update_config(model_dir, settings, calibration.as_record())

@@ -373,6 +373,18 @@ def atomic_write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def update_config(model_dir: str | Path, settings: dict[str, Any], record: dict[str, Any]) -> Path:
+    """Set ``settings`` in a checkpoint's ``config.json`` in place and put ``record`` (with its ``"stage"``) in its
+    ``qzoom_training`` history, replacing an earlier record of that stage (a calibration rerun replaces its record)."""
+    path = Path(model_dir) / "config.json"
+    config = json.loads(path.read_text(encoding="utf-8"))
+    config.update(settings)
+    history = [e for e in config.get("qzoom_training") or [] if e.get("stage") != record["stage"]]
+    config["qzoom_training"] = [*history, record]
+    atomic_write_text(path, json.dumps(config, indent=2, sort_keys=True) + "\n")
+    return path
+
+
 class RunDir:
     """``OUT/trainer``: the resumable state of one stage's run (see the module docstring)."""
 

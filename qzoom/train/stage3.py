@@ -39,7 +39,6 @@ the items given, the threshold written into its ``config.json``, no weight chang
 from __future__ import annotations
 
 import itertools
-import json
 import random
 from collections.abc import Sequence
 from pathlib import Path
@@ -56,7 +55,6 @@ from qzoom.train.common import (
     TrainingError,
     TrainItem,
     answer_batch,
-    atomic_write_text,
     fit,
     items_fingerprint,
     load_for_training,
@@ -65,6 +63,7 @@ from qzoom.train.common import (
     named_trainable,
     new_states,
     unfreeze,
+    update_config,
 )
 from qzoom.train.labels import (
     IGNORE_INDEX,
@@ -300,12 +299,7 @@ def calibrate_gate(
     chosen = choose_threshold(engine, items, config, rule)
     record = threshold_record(rule, chosen, config, on=source, items=len(items))
     if record["value"] is not None:
-        path = Path(model_dir) / "config.json"
-        saved = json.loads(path.read_text(encoding="utf-8"))
-        saved["high_res_thresh"] = record["value"]
-        history = [e for e in saved.get("qzoom_training") or [] if e.get("stage") != "gate_threshold"]
-        saved["qzoom_training"] = [*history, {"stage": "gate_threshold", "threshold": record}]
-        atomic_write_text(path, json.dumps(saved, indent=2, sort_keys=True) + "\n")
+        update_config(model_dir, {"high_res_thresh": record["value"]}, {"stage": "gate_threshold", "threshold": record})
     return record
 
 
