@@ -37,7 +37,7 @@ from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_res
 from qzoom import roi
 from qzoom.cache import FeatureCache, feature_key, image_digest, pack_prefix, unpack_prefix
 from qzoom.checkpoint import load_model, model_fingerprint
-from qzoom.images import padded_to_aspect
+from qzoom.images import padded_to_aspect, patchify
 from qzoom.modeling import QZoomQwen2_5_VLForConditionalGeneration, QZoomSettings, gate_probability, roi_logit_map
 from qzoom.offline import OfflineQwen2_5_VLProcessor, load_processor
 from qzoom.schemas import AskOptions, check_prompt_text
@@ -110,7 +110,7 @@ class SequenceState:
     gate_thresh: float
     roi_thresh: float
     max_boxes: int
-    system_prompt: str | None = None  # None: the chat template's default ("You are a helpful assistant.")
+    system_prompt: str | None = None  # None: the chat template's default (stock Qwen: "You are a helpful assistant.")
     # Tensors start empty and are filled by the steps named beside them.
     input_ids: Tensor = field(default_factory=lambda: _EMPTY_IDS)  # prepare: (n,)
     pixel_values: Tensor = field(default_factory=lambda: _EMPTY)  # prepare: (patches, C*T*P*P) of the global view
@@ -372,13 +372,12 @@ class QZoomEngine:
         )
 
     def _preprocess(self, image: Image.Image, min_pixels: int, max_pixels: int) -> tuple[Tensor, Tensor]:
-        """Pixel values (patches, dim) and patch grid (3,) of one view, at the given pixel budget."""
-        out = self.processor.image_processor(
-            images=[padded_to_aspect(image)],
-            size={"shortest_edge": min_pixels, "longest_edge": max_pixels},
-            return_tensors="pt",
-        )
-        return out["pixel_values"], out["image_grid_thw"][0]
+        """Pixel values (patches, dim) and patch grid (3,) of one view, at the given pixel budget.
+
+        `patchify` equals the processor's own call on the view, without its per-call overhead (this runs for every
+        request and every training item).
+        """
+        return patchify(padded_to_aspect(image), self.processor.image_processor, min_pixels, max_pixels)
 
     def _grid(self, image: Image.Image, min_pixels: int, max_pixels: int) -> Tensor:
         """The patch grid (3,) `_preprocess` would produce, from the image size alone (no resize, no pixels)."""
@@ -469,8 +468,8 @@ class QZoomEngine:
         return torch.as_tensor(pos[:, 0]).float()
 
     def embed(self, states: Sequence[SequenceState]) -> None:
-        """Token embeddings with the image features scattered in, stock M-RoPE positions and the global image block
-        of each encoded prompt; runs no decoder layer (training builds its teacher-forced sequences from this)."""
+        """Token embeddings with the image features scattered in, and the `layout` of each encoded prompt; runs no
+        decoder layer."""
         with torch.inference_mode():
             embed = self.lm.embed_tokens
             for st in states:
@@ -480,21 +479,27 @@ class QZoomEngine:
                 x = embed(ids)
                 x[ids == self.image_token_id] = st.image_features
                 st.embeds = x
-                st.positions = self._global_positions(st.input_ids, [st.grid_thw])
-                start = int((st.input_ids == self.image_token_id).nonzero()[0, 0])
-                merge = self.model.config.vision_config.spatial_merge_size
-                grid = (int(st.grid_thw[1]) // merge, int(st.grid_thw[2]) // merge)
-                first = st.positions[:, start]
-                st.blocks = [
-                    ImageBlock(
-                        start=start,
-                        grid_hw=grid,
-                        box=roi.PixelBox(0, 0, st.image.width, st.image.height),
-                        step=0,
-                        row_pos=first[1] + torch.arange(grid[0], device=self.device, dtype=torch.float32),
-                        col_pos=first[2] + torch.arange(grid[1], device=self.device, dtype=torch.float32),
-                    )
-                ]
+        self.layout(states)
+
+    def layout(self, states: Sequence[SequenceState]) -> None:
+        """Stock M-RoPE positions and the global image block of each prepared prompt: no weights, no pixels
+        (training builds its teacher-forced sequences from this)."""
+        merge = self.model.config.vision_config.spatial_merge_size
+        for st in states:
+            st.positions = self._global_positions(st.input_ids, [st.grid_thw])
+            start = int((st.input_ids == self.image_token_id).nonzero()[0, 0])
+            grid = (int(st.grid_thw[1]) // merge, int(st.grid_thw[2]) // merge)
+            first = st.positions[:, start]
+            st.blocks = [
+                ImageBlock(
+                    start=start,
+                    grid_hw=grid,
+                    box=roi.PixelBox(0, 0, st.image.width, st.image.height),
+                    step=0,
+                    row_pos=first[1] + torch.arange(grid[0], device=self.device, dtype=torch.float32),
+                    col_pos=first[2] + torch.arange(grid[1], device=self.device, dtype=torch.float32),
+                )
+            ]
 
     def prefill(self, states: Sequence[SequenceState]) -> None:
         """Embed, position, and run layers < K with a cache; keep the hidden states entering layer K."""

@@ -19,6 +19,7 @@ decoder layers in order, caches and sequence surgery belong to `qzoom.engine`.
 from __future__ import annotations
 
 import math
+import types
 from dataclasses import dataclass
 from typing import Any
 
@@ -117,11 +118,24 @@ def attach_qzoom_branches(language_model: Qwen2_5_VLTextModel, settings: QZoomSe
         language_model.high_res_head = nn.Linear(text_config.hidden_size, 1, bias=True)
 
 
+def patch_embed_as_linear(self: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
+    """The stock `Qwen2_5_VisionPatchEmbed.forward` as one matrix product: (N, C*T*P*P) patches -> (N, embed_dim).
+
+    The stock module applies a Conv3d whose kernel and stride equal the whole patch, i.e. a linear map of the
+    flattened patch; torch's CPU Conv3d does it about 3x slower than `F.linear` (measured on 256-8192 patches, 2
+    cores), and the vision tower runs on every view. Same weights, same state-dict keys, equal up to float rounding.
+    """
+    proj: nn.Conv3d = self.proj  # type: ignore[assignment]
+    weight = proj.weight.reshape(proj.weight.shape[0], -1)  # (embed_dim, C*T*P*P), the patch's flattening order
+    return nn.functional.linear(hidden_states.reshape(-1, weight.shape[1]).to(weight.dtype), weight, proj.bias)
+
+
 class QZoomQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
     """Stock Qwen2.5-VL with the Q-Zoom branches attached according to its config's Q-Zoom fields.
 
     Everything a stock model does (forward, `generate`, `save_pretrained`, `from_pretrained`) works unchanged; the
-    Q-Zoom inference path is `qzoom.engine.QZoomEngine`.
+    Q-Zoom inference path is `qzoom.engine.QZoomEngine`. One speed-only change: the vision tower's patch embedding
+    runs as a matrix product (`patch_embed_as_linear`) instead of the equivalent Conv3d.
     """
 
     def __init__(self, config: Qwen2_5_VLConfig) -> None:
@@ -130,6 +144,8 @@ class QZoomQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGeneration
         attach_qzoom_branches(self.model.language_model, self.qzoom)
         for module in self.qzoom_modules():
             module.apply(self._init_weights)
+        patch_embed = self.model.visual.patch_embed
+        patch_embed.forward = types.MethodType(patch_embed_as_linear, patch_embed)
 
     def qzoom_modules(self) -> list[nn.Module]:
         lm = self.model.language_model

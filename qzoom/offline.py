@@ -28,11 +28,16 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 from transformers import Qwen2_5_VLConfig, Qwen2_5_VLProcessor, Qwen2Tokenizer
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-# The Qwen2-VL / Qwen2.5-VL chat template, verbatim from the released models.
-QWEN_VL_CHAT_TEMPLATE = (
-    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}"
-    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
+# The Qwen2-VL / Qwen2.5-VL chat template, verbatim from the released models (three parts, so that the demo model's
+# template below is the same without the default system prompt).
+_TEMPLATE_HEAD = (
+    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}{% for message in messages %}"
+)
+_TEMPLATE_DEFAULT_SYSTEM = (
+    "{% if loop.first and message['role'] != 'system' %}"
     "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+)
+_TEMPLATE_BODY = (
     "<|im_start|>{{ message['role'] }}\n"
     "{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n"
     "{% else %}{% for content in message['content'] %}"
@@ -47,6 +52,11 @@ QWEN_VL_CHAT_TEMPLATE = (
     "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n"
     "{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
+QWEN_VL_CHAT_TEMPLATE = _TEMPLATE_HEAD + _TEMPLATE_DEFAULT_SYSTEM + _TEMPLATE_BODY
+# The same without the default system prompt, for the demo model trained from scratch: with the byte tokenizer its 38
+# tokens were a third of every reading drill and a tenth of a coarse view's sequence, in every training step, and
+# they tell a model that never saw another prompt nothing. A caller's own system message is still rendered.
+NO_DEFAULT_SYSTEM_CHAT_TEMPLATE = _TEMPLATE_HEAD + _TEMPLATE_BODY
 
 SPECIAL_TOKENS = [
     "<|endoftext|>",

@@ -287,3 +287,15 @@ def test_any_image_size_and_aspect_zooms_inside_the_image(engine, size):
     for step in res.steps:
         x0, y0, x1, y1 = step.box
         assert 0 <= x0 < x1 <= size[0] and 0 <= y0 < y1 <= size[1]
+
+
+def test_patch_embed_as_linear_equals_the_stock_conv3d(tiny_model):
+    # The override computes the stock Conv3d as one matrix product; the same weights must give the same embeddings.
+    patch_embed = tiny_model.model.visual.patch_embed
+    assert patch_embed.forward.__func__ is not type(patch_embed).forward  # the override is what runs
+    patches = torch.randn(37, 3 * 2 * 14 * 14)
+    with torch.no_grad():
+        fast = patch_embed(patches)
+        stock = type(patch_embed).forward(patch_embed, patches)
+    assert fast.shape == stock.shape == (37, patch_embed.embed_dim)
+    torch.testing.assert_close(fast, stock, atol=1e-5, rtol=1e-5)

@@ -37,6 +37,21 @@ def test_chat_template_matches_qwen():
     )
 
 
+def test_demo_model_template_drops_only_the_default_system_prompt(tmp_path):
+    from qzoom.checkpoint import save_checkpoint
+    from qzoom.train.base import BaseRecipe, build_demo_model
+
+    model, proc = build_demo_model(BaseRecipe(hidden_size=32, vision_hidden_size=32, num_heads=2, num_kv_heads=1))
+    user = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Hi?"}]}]
+    expected = "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>Hi?<|im_end|>\n<|im_start|>assistant\n"
+    assert proc.apply_chat_template(user, add_generation_prompt=True, tokenize=False) == expected
+    system = [{"role": "system", "content": "Be brief."}, *user]
+    rendered = proc.apply_chat_template(system, add_generation_prompt=True, tokenize=False)
+    assert rendered == "<|im_start|>system\nBe brief.<|im_end|>\n" + expected  # a caller's own is kept
+    save_checkpoint(model, proc, tmp_path)
+    assert load_processor(tmp_path).apply_chat_template(user, add_generation_prompt=True, tokenize=False) == expected
+
+
 def test_processor_saves_and_reloads_as_an_hf_directory(tmp_path):
     proc = build_processor(min_pixels=16 * 784, max_pixels=64 * 784)
     save_processor(proc, tmp_path)

@@ -45,6 +45,7 @@ from qzoom.train.base import (
     REFERENTS,
     BaseRecipe,
     ExampleBuilder,
+    FrozenTowerFeatures,
     GroundingProbe,
     ItemPool,
     _draw_batch,
@@ -60,6 +61,7 @@ from qzoom.train.base import (
     build_demo_model,
     coarse_reading_targets,
     collate,
+    image_keys,
     model_inputs,
     pool_item,
     reading_drill,
@@ -146,6 +148,42 @@ def test_collate_pads_right_and_keeps_image_order():
     assert batch["attention_mask"].sum(1).tolist() == lengths
     assert batch["image_grid_thw"].shape[0] == 3  # coarse + crop of the first, coarse of the second
     assert torch.equal(batch["pixel_values"][: examples[0].pixel_values[0].shape[0]], examples[0].pixel_values[0])
+
+
+def test_frozen_tower_features_give_the_stock_forward_and_are_reused_for_pooled_views():
+    model, processor = build_demo_model(MICRO)
+    model.requires_grad_(False)
+    engine = QZoomEngine(model, processor)
+    builder = ExampleBuilder(engine, MICRO.min_pixels, MICRO.max_pixels)
+    rng = random.Random(0)
+    detail = pool_item(generate_item("train", 0, families=("letter",)), MICRO.min_pixels, MICRO.max_pixels, 448)
+    coarse = pool_item(generate_item("train", 1, families=("count",)), MICRO.min_pixels, MICRO.max_pixels, 448)
+    examples = [
+        builder.make(detail, "fused", rng, (112, 168)),  # coarse view (kept) + a crop drawn afresh
+        builder.make(coarse, "fused", rng, (112, 168)),  # coarse view + the item's fixed zoom crop (both kept)
+        builder.make(detail, "crop", rng, (112, 168)),
+        builder.make(coarse, "coarse", rng, (112, 168)),
+    ]
+    keys = image_keys(examples)
+    uid_d, uid_c = detail.item.uid, coarse.item.uid
+    assert keys == [f"{uid_d}:coarse", None, f"{uid_c}:coarse", f"{uid_c}:zoom", None, f"{uid_c}:coarse"]
+    batch = collate(examples, engine.pad_id)
+    tower = FrozenTowerFeatures(model, capacity=8)
+    with torch.no_grad():
+        stock, _ = answer_loss_and_hits(model, batch)
+        first, _ = answer_loss_and_hits(model, batch, tower.inputs_embeds(batch, keys))
+        again, _ = answer_loss_and_hits(model, batch, tower.inputs_embeds(batch, keys))
+    torch.testing.assert_close(first, stock, atol=1e-5, rtol=1e-5)
+    assert torch.equal(again, first)
+    # The first call computed all six (the repeated coarse view too: it was not kept yet), the second only the two
+    # images drawn afresh.
+    assert (tower.hits, tower.misses) == (4, 8)
+    assert list(tower.kept) == [f"{uid_d}:coarse", f"{uid_c}:zoom", f"{uid_c}:coarse"]  # least recently used first
+    small = FrozenTowerFeatures(model, capacity=1)
+    small.image_features(batch, keys)
+    assert list(small.kept) == [f"{uid_c}:coarse"]  # the least recently used went first
+    with pytest.raises(ValueError, match="5 image keys for 6 images"):
+        tower.image_features(batch, keys[:-1])
 
 
 @pytest.mark.parametrize(

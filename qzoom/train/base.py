@@ -45,7 +45,7 @@ import dataclasses
 import math
 import random
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
@@ -89,7 +89,13 @@ from qzoom.evals.synthetic import (
     render_plate,
 )
 from qzoom.modeling import QZoomQwen2_5_VLForConditionalGeneration, enable_qzoom
-from qzoom.offline import OfflineQwen2_5_VLProcessor, build_processor, build_tokenizer, tiny_qwen25vl_config
+from qzoom.offline import (
+    NO_DEFAULT_SYSTEM_CHAT_TEMPLATE,
+    OfflineQwen2_5_VLProcessor,
+    build_processor,
+    build_tokenizer,
+    tiny_qwen25vl_config,
+)
 from qzoom.schemas import AskOptions
 
 MIN_VIEW_TOKENS = 4  # a 56x56 crop stays at native resolution instead of being upsampled to the coarse budget
@@ -238,8 +244,10 @@ class BaseRecipe:
 
 
 def build_demo_model(recipe: BaseRecipe) -> tuple[QZoomQwen2_5_VLForConditionalGeneration, OfflineQwen2_5_VLProcessor]:
-    """A randomly initialised (seeded) demo model and its processor, at the benchmark's small pixel budget."""
+    """A randomly initialised (seeded) demo model and its processor, at the benchmark's small pixel budget; its chat
+    template has no default system prompt (:data:`~qzoom.offline.NO_DEFAULT_SYSTEM_CHAT_TEMPLATE`)."""
     tok = build_tokenizer()
+    tok.chat_template = NO_DEFAULT_SYSTEM_CHAT_TEMPLATE
     config = tiny_qwen25vl_config(
         tok,
         hidden_size=recipe.hidden_size,
@@ -279,6 +287,9 @@ class Example:
     answer_weight: float = 1.0  # of this sample's answer loss (see `BaseRecipe.unreadable_answer_weight`)
     # (sequence position that predicts an answer character, sequence indices of the image tokens that show it)
     pointer: list[tuple[int, torch.Tensor]] | None = None
+    # Per image: a key under which its vision features may be kept while the tower is frozen (the same pixels every
+    # time: a pooled item's coarse view or its fixed zoom crop), or None (drawn afresh: crops, drills).
+    image_keys: list[str | None] | None = None
 
 
 @dataclass
@@ -296,6 +307,8 @@ class PoolItem:
     coarse: Image.Image  # the whole canvas at the budget, resized exactly as the processor would
     grid_hw: tuple[int, int]
     zoom: tuple[Image.Image, roi.GridBox] | None = None
+    # The processor's output for ``coarse`` and the zoom crop, made on first use: an item is drawn many times.
+    pixels: dict[str, tuple[torch.Tensor, torch.Tensor]] = dataclasses.field(default_factory=dict)
 
 
 def _budget_size(wh: tuple[int, int], min_pixels: int, max_pixels: int) -> tuple[int, int]:
@@ -519,15 +532,17 @@ class ExampleBuilder:
         self.merge = int(engine.model.config.vision_config.spatial_merge_size)
 
     def _state(self, image: Image.Image, question: str) -> SequenceState:
-        """prepare + embed with placeholder features: ids, positions and image blocks, no ViT or decoder layer.
+        """prepare + layout: ids, positions and image blocks, no weights, no ViT or decoder layer.
 
         ``image`` may be the coarse view instead of the canvas: it has the same grid, which is all that matters here.
+        The embeddings are a zero placeholder that ``engine.splice`` cuts and joins like real ones; the training step
+        embeds the ids itself.
         """
         st = self.engine.new_state(image, question, self.options)
         st.digest = "training"  # no cache is consulted; skips hashing the pixels
         self.engine.prepare([st])
-        st.image_features = torch.zeros(int(st.grid_thw.prod()) // self.merge**2, self.hidden)
-        self.engine.embed([st])
+        self.engine.layout([st])
+        st.embeds = torch.zeros(int(st.input_ids.shape[0]), self.hidden)
         return st
 
     def _finish(
@@ -574,6 +589,16 @@ class ExampleBuilder:
         self._point(example, start, reading, answer)
         return example
 
+    def pooled_view(self, p: PoolItem, which: Literal["coarse", "zoom"]) -> tuple[torch.Tensor, torch.Tensor, str]:
+        """Pixels, grid and feature key of a pooled item's coarse view or fixed zoom crop (processed once per item)."""
+        if which not in p.pixels:
+            image = p.coarse if which == "coarse" else p.zoom[0] if p.zoom is not None else None
+            if image is None:
+                raise ValueError(f"item {p.item.uid} has no fixed zoom crop (a detail item's crops are drawn afresh)")
+            p.pixels[which] = self.engine._preprocess(image, self.min_pixels, self.max_pixels)
+        pixels, grid = p.pixels[which]
+        return pixels, grid, f"{p.item.uid}:{which}"
+
     def single(
         self,
         image: Image.Image,
@@ -582,11 +607,18 @@ class ExampleBuilder:
         family: str,
         view: View,
         box: Sequence[float] | None = None,
+        pooled: tuple[torch.Tensor, torch.Tensor, str] | None = None,
     ) -> Example:
-        """One image (a crop, or the coarse view) and the question; ``box``: the target in the image's pixels."""
+        """One image (a crop, or the coarse view) and the question; ``box``: the target in the image's pixels;
+        ``pooled``: the image's pixels, grid and feature key from :meth:`pooled_view` (else it is processed here)."""
         st = self._state(image, question)
-        pixels, grid = self.engine._preprocess(image, self.min_pixels, self.max_pixels)
+        if pooled is None:
+            pixels, grid = self.engine._preprocess(image, self.min_pixels, self.max_pixels)
+            key = None
+        else:
+            pixels, grid, key = pooled
         example = self._finish(st, answer, [pixels], [grid], family, view)
+        example.image_keys = [key]
         if box is not None:
             example.target = target_tokens(st.blocks[0], image.size, box)
         return example
@@ -595,29 +627,33 @@ class ExampleBuilder:
         """The coarse view and the question; detail items mark their target for the grounding loss."""
         item = p.item
         box = _scaled(item.box, item.canvas, p.coarse.size) if item.needs_detail else None
-        return self.single(p.coarse, item.question, item.answer, item.family, "coarse", box)
+        pooled = self.pooled_view(p, "coarse")
+        return self.single(p.coarse, item.question, item.answer, item.family, "coarse", box, pooled)
 
     def fused(self, p: PoolItem, rng: random.Random | None, answer: str | None = None) -> Example:
         """The coarse view with a native crop spliced after it, exactly as a zoom step does (``engine.splice``)."""
         item = p.item
         st = self._state(p.coarse, item.question)
         block = st.blocks[0]
+        crop_key: str | None = None
         if p.zoom is not None:
             crop, grid_box = p.zoom
+            crop_pixels, crop_grid, crop_key = self.pooled_view(p, "zoom")
         else:
             grid_box = _grid_box_around(item.box, p.grid_hw, item.canvas, rng)
             box = roi.grid_box_to_pixels(grid_box, p.grid_hw, item.canvas, min_side=MIN_BOX_SIDE).as_list()
             crop = crop_with_answer(item, box, answer, origin=p.origin)
+            crop_pixels, crop_grid = self.engine._preprocess(crop, self.min_pixels, self.max_pixels)
         pixel_box = roi.grid_box_to_pixels(grid_box, p.grid_hw, item.canvas, min_side=MIN_BOX_SIDE)
-        crop_pixels, crop_grid = self.engine._preprocess(crop, self.min_pixels, self.max_pixels)
         n_crop = int(crop_grid.prod()) // self.merge**2
         empty = torch.empty(0)
         self.engine.splice(
             st, Proposal(block, empty, empty, [grid_box], [pixel_box]), [(torch.zeros(n_crop, self.hidden), crop_grid)]
         )
-        coarse_pixels, coarse_grid = self.engine._preprocess(p.coarse, self.min_pixels, self.max_pixels)
+        coarse_pixels, coarse_grid, coarse_key = self.pooled_view(p, "coarse")
         shown = answer or item.answer
         example = self._finish(st, shown, [coarse_pixels, crop_pixels], [coarse_grid, crop_grid], item.family, "fused")
+        example.image_keys = [coarse_key, crop_key]
         if item.needs_detail:  # the target's coarse cells, and the whole crop (a zoom on it)
             coarse_cells = target_tokens(block, item.canvas, item.box)
             example.target = torch.cat([coarse_cells, torch.arange(st.blocks[1].start, st.blocks[1].end)])
@@ -767,11 +803,21 @@ def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def answer_loss_and_hits(
-    model: QZoomQwen2_5_VLForConditionalGeneration, batch: dict[str, torch.Tensor]
+    model: QZoomQwen2_5_VLForConditionalGeneration,
+    batch: dict[str, torch.Tensor],
+    inputs_embeds: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean cross-entropy over the answer tokens, each sample's weighted by its ``answer_weight`` (``collate``'s; 1
-    where the batch has none), and per sample whether every answer token is the argmax."""
-    out = model(**model_inputs(batch))
+    where the batch has none), and per sample whether every answer token is the argmax.
+
+    ``inputs_embeds`` (B, n, d): the sequence's embeddings with the image features already in place (see
+    :class:`FrozenTowerFeatures`); the stock forward then runs no vision tower."""
+    if inputs_embeds is None:
+        out = model(**model_inputs(batch))
+    else:
+        out = model(
+            inputs_embeds=inputs_embeds, attention_mask=batch["attention_mask"], position_ids=batch["position_ids"]
+        )
     logits = out.logits[:, :-1].float()  # (B, n-1, V): position i predicts token i + 1
     target = batch["labels"][:, 1:]  # (B, n-1)
     per_token = torch.nn.functional.cross_entropy(
@@ -782,6 +828,67 @@ def answer_loss_and_hits(
     loss = (per_token * weight[:, None]).sum() / scored.sum().clamp_min(1)
     correct = (logits.argmax(-1) == target) | ~scored
     return loss, correct.all(dim=1)
+
+
+class FrozenTowerFeatures:
+    """The inputs embeddings of a batch while the vision tower is frozen, reusing the features of images seen before.
+
+    Valid only while the tower's weights do not change (after phase 0 with ``freeze_vision``): then the features of a
+    pooled item's coarse view (drawn many times while the item is in a pool) are computed once and kept, by the
+    example's ``image_keys``, in a bounded LRU. The other images of the batch go through the tower in one call, as
+    the stock forward would run them. The sequence is what the stock forward builds: token embeddings with the image
+    features scattered over the image tokens in order.
+    """
+
+    def __init__(self, model: QZoomQwen2_5_VLForConditionalGeneration, capacity: int) -> None:
+        self.model = model
+        self.capacity = capacity
+        self.kept: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self.hits = 0
+        self.misses = 0
+
+    def image_features(self, batch: dict[str, torch.Tensor], keys: Sequence[str | None]) -> list[torch.Tensor]:
+        """Per image of the batch, in order, its merged features (N_i, d)."""
+        grids = batch["image_grid_thw"]  # (I, 3)
+        if len(keys) != grids.shape[0]:
+            raise ValueError(f"{len(keys)} image keys for {grids.shape[0]} images")
+        pixels = torch.split(batch["pixel_values"], grids.prod(-1).tolist())
+        features: list[torch.Tensor | None] = [None] * len(keys)
+        for i, key in enumerate(keys):
+            if key is not None and key in self.kept:
+                self.kept.move_to_end(key)
+                features[i] = self.kept[key]
+        todo = [i for i, f in enumerate(features) if f is None]
+        self.hits += len(keys) - len(todo)
+        self.misses += len(todo)
+        if todo:
+            with torch.no_grad():
+                fresh = self.model.model.get_image_features(
+                    torch.cat([pixels[i] for i in todo]), grids[todo], return_dict=True
+                ).pooler_output
+            for i, f in zip(todo, fresh, strict=True):
+                features[i] = f
+                key = keys[i]
+                if key is not None:
+                    self.kept[key] = f
+                    if len(self.kept) > self.capacity:
+                        self.kept.popitem(last=False)
+        return [f for f in features if f is not None]
+
+    def inputs_embeds(self, batch: dict[str, torch.Tensor], keys: Sequence[str | None]) -> torch.Tensor:
+        """(B, n, d) token embeddings with the image features over the image tokens."""
+        ids = batch["input_ids"]
+        embeds: torch.Tensor = self.model.model.get_input_embeddings()(ids)
+        features = torch.cat(self.image_features(batch, keys)).to(embeds.dtype)
+        image = (ids == self.model.config.image_token_id)[..., None].expand_as(embeds)
+        if int(image.sum()) != features.numel():
+            raise ValueError(f"{int(image.sum()) // embeds.shape[-1]} image tokens for {features.shape[0]} features")
+        return embeds.masked_scatter(image, features)
+
+
+def image_keys(examples: Sequence[Example]) -> list[str | None]:
+    """The feature keys of every image of a :func:`collate` batch of ``examples``, in the batch's image order."""
+    return [key for e in examples for key in (e.image_keys or [None] * len(e.pixel_values))]
 
 
 # ------------------------------------------------------------------------------------------------------- training
@@ -971,6 +1078,9 @@ def train_base(
         pretrain_reading(model, reader, builder, rng, recipe, pools, progress=progress, log=log)
     for name, p in model.named_parameters():
         p.requires_grad_(not name.startswith(frozen))  # a frozen tower: no gradient computed for it at all
+    # A frozen tower's features of pooled views are computed once per item (about a third of a step's time was the
+    # tower's forward, mostly on coarse views that recur while their item stays pooled).
+    tower = FrozenTowerFeatures(model, capacity=2 * sum(len(pool.items) for pool in pools.values())) if frozen else None
     # The stock forward computes the merged image tokens internally; the hook hands them to the reading loss.
     merged: list[torch.Tensor] = []
     hook = model.model.visual.register_forward_hook(lambda _m, _i, out: merged.append(out.pooler_output))
@@ -999,6 +1109,10 @@ def train_base(
         ("ground", total),
     )
     pad_id = engine.pad_id
+
+    def phase_of(step: int) -> str:
+        return next(name for name, end in phase_ends if step < end)
+
     # The referent drills draw from their own stream, so that the phase leaves every later batch as it was without it.
     referent_rng = random.Random(f"{recipe.seed}:referent")
     started = time.perf_counter()
@@ -1021,11 +1135,12 @@ def train_base(
                 max_side=recipe.scene_max_side,
             )
         )
-    for step in bar:
-        phase = next(name for name, end in phase_ends if step < end)
+
+    def build(step: int) -> tuple[str, list[Example], bool, dict[str, torch.Tensor]]:
+        """Step ``step``'s phase, examples, whether it is the ground phase's own batch, and the collated batch. Called
+        for every step in order (it draws from ``rng`` and the pools), on the main thread or the builder thread."""
+        phase = phase_of(step)
         ground_batch = False  # the ground phase's own coarse views: its loss weights apply
-        if checks and step in [end for _, end in phase_ends[1:-1]]:  # after each phase that answers
-            _log_checks(engine, checks, log, f"before {phase}", scene_checks)
         if phase == "referent":
             examples = [
                 builder.single(image, question, answer, family, "crop")
@@ -1047,7 +1162,22 @@ def train_base(
                 pool.refresh(recipe.refresh)
             singles_only = step - crops_start < recipe.single_steps
             examples = _draw_batch(builder, pools, rng, recipe, phase == "mixed", singles_only)
-        batch = collate(examples, pad_id)
+        return phase, examples, ground_batch, collate(examples, pad_id)
+
+    # The next step's batch is built on a thread while this step trains (drawing, tokenizing and collating took a
+    # third of a step, most of it beside the backward pass, which holds no GIL). Batches are built in step order by
+    # one thread, so they are the same as built inline. The checks between phases run with no build in flight:
+    # they use the same tokenizer, which is not safe to share between threads.
+    check_steps = {end for _, end in phase_ends[1:-1]} if checks else set()
+    builder_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="qzoom-batches")
+    pending: Future[tuple[str, list[Example], bool, dict[str, torch.Tensor]]] | None = None
+    for step in bar:
+        if step in check_steps:  # after each phase that answers
+            _log_checks(engine, checks, log, f"before {phase_of(step)}", scene_checks)
+        phase, examples, ground_batch, batch = pending.result() if pending is not None else build(step)
+        pending = None
+        if step + 1 < total and step + 1 not in check_steps:
+            pending = builder_thread.submit(build, step + 1)
         if step == recipe.referent_steps and step > 0:
             # The answering phases start as they would without the referent phase: from a fresh warmup and with
             # Adam's moments cleared (primed by the referent loss alone). Without this the first drills ran at the
@@ -1068,7 +1198,8 @@ def train_base(
                 probed.scores.clear()  # the checks between phases ran forwards too
         layer_k.clear()
         with torch.enable_grad():
-            loss, _ = answer_loss_and_hits(model, batch)
+            embeds = tower.inputs_embeds(batch, image_keys(examples)) if tower is not None else None
+            loss, _ = answer_loss_and_hits(model, batch, embeds)
             read_loss = _reading_loss(reader, merged[-1], batch) if read_weight > 0 else torch.zeros(())
             ground_loss = (
                 _grounding_loss(probe.scores, batch, engine.image_token_id) if probe is not None else torch.zeros(())
@@ -1115,12 +1246,15 @@ def train_base(
                 f"ground {ground_ema:.4f} referent {referent_ema:.4f} pointer {pointer_ema:.4f} "
                 f"{time.perf_counter() - started:.0f}s"
             )
+    builder_thread.shutdown()
     hook.remove()
     k_hook.remove()
     for probed in (probe, pointer_probe):
         if probed is not None:
             probed.remove()
     log(f"base: {total} steps in {time.perf_counter() - started:.0f} s, final loss (EMA) {ema or 0:.4f}")
+    if tower is not None:
+        log(f"base: frozen tower features {tower.hits} reused, {tower.misses} computed")
     for pool in pools.values():
         pool.close()
     if checks:
