@@ -48,6 +48,8 @@ from qzoom.train.base import (
     FrozenTowerFeatures,
     GroundingProbe,
     ItemPool,
+    ProbedHead,
+    _attention_share_loss,
     _draw_batch,
     _grid_box_around,
     _ground_phase_batch,
@@ -518,13 +520,13 @@ def test_the_grounding_probe_sees_the_attention_the_model_computes():
     with torch.no_grad():
         out = model(**model_inputs(batch), output_attentions=True)
     probe.remove()
-    n = batch["input_ids"].shape[1]
-    allowed = torch.ones(n, n, dtype=torch.bool).tril()[None] & batch["attention_mask"].bool()[:, None, :]
-    for (layer, head), logits in zip(heads, probe.scores, strict=True):
-        probs = logits.masked_fill(~allowed, float("-inf")).softmax(-1)
+    valid = batch["attention_mask"].bool()  # rows of padding are not compared
+    sample, row = valid.nonzero(as_tuple=True)
+    allowed = (torch.arange(valid.shape[1])[None, :] <= row[:, None]) & valid[sample]
+    for (layer, head), probed in zip(heads, probe.heads, strict=True):
+        probs = probed.logits(sample, row).masked_fill(~allowed, float("-inf")).softmax(-1)
         real = out.attentions[layer][:, head]
-        valid = batch["attention_mask"].bool()  # rows of padding are not compared
-        assert torch.allclose(probs[valid], real[valid], atol=1e-5)
+        assert torch.allclose(probs, real[sample, row], atol=1e-5)
     with pytest.raises(ValueError, match="not in this model"):
         GroundingProbe(engine, ((4, 0),))
 
@@ -552,6 +554,38 @@ def test_grounding_loss_is_the_log_share_of_image_attention_off_the_target():
     assert _grounding_loss([uniform, focused], batch, image_id).item() == pytest.approx(np.log(2.0) / 2, rel=1e-5)
     none = {**batch, "ground": torch.zeros_like(ground)}
     assert _grounding_loss([uniform], none, image_id).item() == 0.0
+
+
+def test_the_share_loss_of_probed_rows_equals_that_of_the_full_logits():
+    # The probe computes only the rows that count; loss and gradients are those of the whole (B, n, n) logits, on a
+    # padded batch whose samples have different numbers of rows (one none), for targets per row and per sample.
+    torch.manual_seed(0)
+    b, n, hd, image_id = 3, 12, 8, 7
+    ids = torch.full((b, n), 7)
+    ids[:, :2] = 1
+    mask = torch.ones(b, n, dtype=torch.long)
+    mask[1, 9:] = 0
+    pointer = torch.zeros(b, n, n, dtype=torch.bool)
+    pointer[0, 8, 3] = pointer[0, 10, 4] = pointer[1, 8, 5] = True
+    batch = {"input_ids": ids, "attention_mask": mask, "pointer": pointer}
+    query = torch.randn(b, n, hd, requires_grad=True)
+    key = torch.randn(b, n, hd, requires_grad=True)
+    ground = torch.zeros(b, 1, n, dtype=torch.bool)
+    ground[:, 0, 3:6] = True
+    for targets in (pointer, ground):
+        losses, grads = [], []
+        for heads in (
+            [ProbedHead(query, key, 0.5)],
+            [torch.matmul(query, key.transpose(-2, -1)) * 0.5],
+        ):
+            loss = _attention_share_loss(heads, batch, image_id, targets, pointer.any(-1))
+            query.grad = key.grad = None
+            loss.backward()
+            losses.append(loss.item())
+            grads.append((query.grad.clone(), key.grad.clone()))
+        assert losses[0] > 0.1 and losses[0] == pytest.approx(losses[1], rel=1e-6)
+        for probed, full in zip(grads[0], grads[1], strict=True):
+            assert probed.abs().max() > 0 and torch.allclose(probed, full, atol=1e-6)
 
 
 def _pointed_cells(example, gw, start):

@@ -1195,18 +1195,18 @@ def train_base(
         # Explicitly on: a caller (or a test before this one) may have turned autograd off process-wide.
         for probed in (probe, pointer_probe):
             if probed is not None:
-                probed.scores.clear()  # the checks between phases ran forwards too
+                probed.heads.clear()  # the checks between phases ran forwards too
         layer_k.clear()
         with torch.enable_grad():
             embeds = tower.inputs_embeds(batch, image_keys(examples)) if tower is not None else None
             loss, _ = answer_loss_and_hits(model, batch, embeds)
             read_loss = _reading_loss(reader, merged[-1], batch) if read_weight > 0 else torch.zeros(())
             ground_loss = (
-                _grounding_loss(probe.scores, batch, engine.image_token_id) if probe is not None else torch.zeros(())
+                _grounding_loss(probe.heads, batch, engine.image_token_id) if probe is not None else torch.zeros(())
             )
             referent_loss = _referent_loss(referent_head, layer_k[-1], batch)
             pointer_loss = (
-                _pointer_loss(pointer_probe.scores, batch, engine.image_token_id)
+                _pointer_loss(pointer_probe.heads, batch, engine.image_token_id)
                 if pointer_probe is not None
                 else torch.zeros(())
             )
@@ -1266,16 +1266,43 @@ def train_base(
     return save_checkpoint(model, processor, out_dir)
 
 
+@dataclass
+class ProbedHead:
+    """One attention head's rotated queries and keys of the last forward, float ``(B, n, head_dim)`` each, and the
+    attention's ``scaling``: its logits for any query rows, as the stock attention computes them before the mask."""
+
+    query: torch.Tensor
+    key: torch.Tensor
+    scaling: float
+
+    def logits(self, sample: torch.Tensor, row: torch.Tensor) -> torch.Tensor:
+        """``(R, n)``: the logits of query position ``row[r]`` of sample ``sample[r]`` over all ``n`` keys; ``sample``
+        ascending (as ``nonzero`` lists them)."""
+        b = self.query.shape[0]
+        # Each sample's rows side by side in (B, m) slots, m its most rows, so that one batched matmul serves them
+        # without copying a sample's keys once per row.
+        counts = torch.bincount(sample, minlength=b)
+        slot = torch.arange(len(sample)) - (counts.cumsum(0) - counts)[sample]  # (R,) the row's place in its sample
+        positions = torch.zeros(b, int(counts.max()), dtype=torch.long)
+        positions[sample, slot] = row
+        queries = self.query[torch.arange(b)[:, None], positions]  # (B, m, hd)
+        logits = torch.matmul(queries, self.key.transpose(-2, -1))  # (B, m, n)
+        return logits[sample, slot] * self.scaling
+
+
 class GroundingProbe:
-    """Forward hooks on the attention modules of ``heads`` ((layer, head) pairs) that keep each head's attention
-    logits ``(B, n, n)`` of the last forward in :attr:`scores`, for :func:`_grounding_loss`.
+    """Forward hooks on the attention modules of ``heads`` ((layer, head) pairs) that keep each head's queries and
+    keys (:class:`ProbedHead`) of the last forward in :attr:`heads`, for :func:`_grounding_loss`.
 
     Recomputed from the layer's input as the stock attention does (q/k projections, M-RoPE), since the fused SDPA
-    kernel does not return its weights; one head of a layer costs a fraction of the layer.
+    kernel does not return its weights; one head of a layer costs a fraction of the layer. The losses need the
+    logits of a few query rows only (those that predict an answer token), so the probe keeps queries and keys rather
+    than the ``(B, n, n)`` logits, whose softmax and its backward cost 10-20x more than the rows' (up to 2.6 M entries
+    per head in a mixed-phase batch, for some 40 rows that count); loss and gradients are the same.
     """
 
     def __init__(self, engine: QZoomEngine, heads: Sequence[tuple[int, int]]) -> None:
-        self.scores: list[torch.Tensor] = []
+        self.heads: list[ProbedHead] = []
         layers = engine.layers
         self.handles = []
         for layer, head in heads:
@@ -1294,7 +1321,7 @@ class GroundingProbe:
             key = module.k_proj(hidden).view(b, n, -1, hd)[:, :, kv : kv + 1].transpose(1, 2)  # (B, 1, n, hd)
             cos, sin = kwargs["position_embeddings"]
             query, key = apply_rotary_pos_emb(query, key, cos, sin)
-            self.scores.append(torch.matmul(query[:, 0].float(), key[:, 0].float().transpose(-2, -1)) * module.scaling)
+            self.heads.append(ProbedHead(query[:, 0].float(), key[:, 0].float(), float(module.scaling)))
 
         return hook
 
@@ -1303,29 +1330,37 @@ class GroundingProbe:
             handle.remove()
 
 
+HeadLogits = torch.Tensor | ProbedHead  # full logits (B, n, n), or a probed head that computes the rows asked for
+
+
+def _row_logits(head: HeadLogits, sample: torch.Tensor, row: torch.Tensor) -> torch.Tensor:
+    return head.logits(sample, row) if isinstance(head, ProbedHead) else head[sample, row]
+
+
 def _attention_share_loss(
-    scores: Sequence[torch.Tensor],
+    heads: Sequence[HeadLogits],
     batch: dict[str, torch.Tensor],
     image_id: int,
     targets: torch.Tensor,
     rows: torch.Tensor,
 ) -> torch.Tensor:
-    """Mean over the probed heads' attention logits ``scores`` (each ``(B, n, n)``) and the query positions ``rows``
-    (``(B, n)`` bool) of ``-log`` of the share of the head's image attention that rests on ``targets`` (``(B, n, n)``
-    or ``(B, 1, n)`` bool over keys). A head that looks only at the targets pays 0; one spread evenly over the image
-    pays log(image / target tokens). Zero when there are no rows."""
-    if not scores or not bool(rows.any()):
+    """Mean over the probed ``heads`` and the query positions ``rows`` (``(B, n)`` bool) of ``-log`` of the share of
+    the head's image attention that rests on ``targets`` (``(B, n, n)`` or ``(B, 1, n)`` bool over keys). A head that
+    looks only at the targets pays 0; one spread evenly over the image pays log(image / target tokens). Zero when
+    there are no rows. Only the rows' logits are computed, under the causal and padding mask."""
+    if not heads or not bool(rows.any()):
         return torch.zeros(())
     n = rows.shape[1]
-    allowed = torch.ones(n, n, dtype=torch.bool).tril()[None] & batch["attention_mask"].bool()[:, None, :]
-    image = (batch["input_ids"] == image_id).float()[:, None, :]
+    sample, row = rows.nonzero(as_tuple=True)  # (R,) each, in (sample, position) order
+    allowed = (torch.arange(n)[None, :] <= row[:, None]) & batch["attention_mask"].bool()[sample]  # (R, n)
+    image = (batch["input_ids"][sample] == image_id).float()  # (R, n)
+    on = targets[sample, row if targets.shape[1] > 1 else torch.zeros_like(row)].float()  # (R, n)
     loss = torch.zeros(())
-    for logits in scores:
-        probs = logits.masked_fill(~allowed, float("-inf")).softmax(-1)  # (B, n, n)
-        on_target = (probs * targets.float()).sum(-1)
-        share = on_target / (probs * image).sum(-1).clamp_min(1e-9)
-        loss = loss - share[rows].clamp_min(1e-6).log().mean()
-    return loss / len(scores)
+    for head in heads:
+        probs = _row_logits(head, sample, row).masked_fill(~allowed, float("-inf")).softmax(-1)  # (R, n)
+        share = (probs * on).sum(-1) / (probs * image).sum(-1).clamp_min(1e-9)
+        loss = loss - share.clamp_min(1e-6).log().mean()
+    return loss / len(heads)
 
 
 def _answer_rows(batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -1335,20 +1370,20 @@ def _answer_rows(batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return rows
 
 
-def _grounding_loss(scores: Sequence[torch.Tensor], batch: dict[str, torch.Tensor], image_id: int) -> torch.Tensor:
+def _grounding_loss(heads: Sequence[HeadLogits], batch: dict[str, torch.Tensor], image_id: int) -> torch.Tensor:
     """:func:`_attention_share_loss` on the target's tokens (``collate``'s ``ground``) at every position that predicts
     an answer token, over the samples that mark a target. Zero when none does."""
     ground = batch["ground"]
     rows = _answer_rows(batch) & ground.any(1)[:, None]
-    return _attention_share_loss(scores, batch, image_id, ground[:, None, :], rows)
+    return _attention_share_loss(heads, batch, image_id, ground[:, None, :], rows)
 
 
-def _pointer_loss(scores: Sequence[torch.Tensor], batch: dict[str, torch.Tensor], image_id: int) -> torch.Tensor:
+def _pointer_loss(heads: Sequence[HeadLogits], batch: dict[str, torch.Tensor], image_id: int) -> torch.Tensor:
     """:func:`_attention_share_loss` at each position that predicts an answer character whose image tokens are known
     (``collate``'s ``pointer``), on those tokens: the head reads the answer where it is written, character by
     character. Zero when no sample points anywhere."""
     pointer = batch["pointer"]
-    return _attention_share_loss(scores, batch, image_id, pointer, pointer.any(-1))
+    return _attention_share_loss(heads, batch, image_id, pointer, pointer.any(-1))
 
 
 def _referent_loss(head: torch.nn.Linear, hidden: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
