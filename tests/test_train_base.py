@@ -566,7 +566,7 @@ def test_the_share_loss_of_probed_rows_equals_that_of_the_full_logits():
     mask = torch.ones(b, n, dtype=torch.long)
     mask[1, 9:] = 0
     pointer = torch.zeros(b, n, n, dtype=torch.bool)
-    pointer[0, 8, 3] = pointer[0, 10, 4] = pointer[1, 8, 5] = True
+    pointer[0, 8, 3] = pointer[0, 10, 4] = pointer[1, 6, 4] = pointer[1, 8, 5] = True
     batch = {"input_ids": ids, "attention_mask": mask, "pointer": pointer}
     query = torch.randn(b, n, hd, requires_grad=True)
     key = torch.randn(b, n, hd, requires_grad=True)
