@@ -531,6 +531,11 @@ def test_the_grounding_probe_sees_the_attention_the_model_computes():
         GroundingProbe(engine, ((4, 0),))
 
 
+def _given(*logits: torch.Tensor) -> list[ProbedHead]:
+    """Hand-made attention logits ``(B, n, n)`` as probed heads: the logits as queries, the identity as keys."""
+    return [ProbedHead(lg, torch.eye(lg.shape[-1]).expand_as(lg), 1.0) for lg in logits]
+
+
 def test_grounding_loss_is_the_log_share_of_image_attention_off_the_target():
     # Two samples of 6 tokens: [text, img, img, img, img, answer-predicting text, answer]; targets on tokens 1-2.
     image_id = 7
@@ -542,18 +547,32 @@ def test_grounding_loss_is_the_log_share_of_image_attention_off_the_target():
     batch = {"input_ids": ids, "labels": labels, "attention_mask": torch.ones_like(ids), "ground": ground}
     uniform = torch.zeros(2, 7, 7)
     # Even over 4 image tokens, 2 of them the target: log 2. The second sample marks no target: not counted.
-    assert _grounding_loss([uniform], batch, image_id).item() == pytest.approx(np.log(2.0), rel=1e-5)
+    assert _grounding_loss(_given(uniform), batch, image_id).item() == pytest.approx(np.log(2.0), rel=1e-5)
     focused = uniform.clone()
     focused[:, 5, 1:3] = 20.0  # the answer-predicting row looks at the target
-    assert _grounding_loss([focused], batch, image_id).item() == pytest.approx(0.0, abs=1e-6)
+    assert _grounding_loss(_given(focused), batch, image_id).item() == pytest.approx(0.0, abs=1e-6)
     # Mass on text tokens does not count against the target: only the image share matters.
     on_text = uniform.clone()
     on_text[:, 5, 0] = 20.0
-    assert _grounding_loss([on_text], batch, image_id).item() == pytest.approx(np.log(2.0), rel=1e-4)
+    assert _grounding_loss(_given(on_text), batch, image_id).item() == pytest.approx(np.log(2.0), rel=1e-4)
     # Averaged over heads; nothing marked, nothing owed.
-    assert _grounding_loss([uniform, focused], batch, image_id).item() == pytest.approx(np.log(2.0) / 2, rel=1e-5)
+    assert _grounding_loss(_given(uniform, focused), batch, image_id).item() == pytest.approx(np.log(2.0) / 2, rel=1e-5)
     none = {**batch, "ground": torch.zeros_like(ground)}
-    assert _grounding_loss([uniform], none, image_id).item() == 0.0
+    assert _grounding_loss(_given(uniform), none, image_id).item() == 0.0
+
+
+def _full_matrix_share_loss(heads, batch, image_id, targets, rows):
+    """The attention share loss as written before it computed rows only: every head's whole (B, n, n) logits."""
+    n = rows.shape[1]
+    allowed = torch.ones(n, n, dtype=torch.bool).tril()[None] & batch["attention_mask"].bool()[:, None, :]
+    image = (batch["input_ids"] == image_id).float()[:, None, :]
+    loss = torch.zeros(())
+    for head in heads:
+        logits = torch.matmul(head.query, head.key.transpose(-2, -1)) * head.scaling
+        probs = logits.masked_fill(~allowed, float("-inf")).softmax(-1)
+        share = (probs * targets.float()).sum(-1) / (probs * image).sum(-1).clamp_min(1e-9)
+        loss = loss - share[rows].clamp_min(1e-6).log().mean()
+    return loss / len(heads)
 
 
 def test_the_share_loss_of_probed_rows_equals_that_of_the_full_logits():
@@ -574,11 +593,8 @@ def test_the_share_loss_of_probed_rows_equals_that_of_the_full_logits():
     ground[:, 0, 3:6] = True
     for targets in (pointer, ground):
         losses, grads = [], []
-        for heads in (
-            [ProbedHead(query, key, 0.5)],
-            [torch.matmul(query, key.transpose(-2, -1)) * 0.5],
-        ):
-            loss = _attention_share_loss(heads, batch, image_id, targets, pointer.any(-1))
+        for share_loss in (_attention_share_loss, _full_matrix_share_loss):
+            loss = share_loss([ProbedHead(query, key, 0.5)], batch, image_id, targets, pointer.any(-1))
             query.grad = key.grad = None
             loss.backward()
             losses.append(loss.item())
@@ -659,18 +675,18 @@ def test_pointer_loss_is_the_log_share_of_each_rows_image_attention_on_its_chara
     pointer[0, 6, 3] = True
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pointer": pointer}
     uniform = torch.zeros(1, 8, 8)
-    assert _pointer_loss([uniform], batch, image_id).item() == pytest.approx(np.log(4.0), rel=1e-5)
+    assert _pointer_loss(_given(uniform), batch, image_id).item() == pytest.approx(np.log(4.0), rel=1e-5)
     right = uniform.clone()
     right[0, 5, 1] = right[0, 6, 3] = 20.0
-    assert _pointer_loss([right], batch, image_id).item() == pytest.approx(0.0, abs=1e-6)
+    assert _pointer_loss(_given(right), batch, image_id).item() == pytest.approx(0.0, abs=1e-6)
     swapped = uniform.clone()
     swapped[0, 5, 3] = swapped[0, 6, 1] = 20.0  # reading the glyphs in the wrong order costs
-    assert _pointer_loss([swapped], batch, image_id).item() > 10.0
+    assert _pointer_loss(_given(swapped), batch, image_id).item() > 10.0
     # A row looking at its glyph pays nothing; the other row's share averages in.
     half = uniform.clone()
     half[0, 5, 1] = 20.0
-    assert _pointer_loss([half], batch, image_id).item() == pytest.approx(np.log(4.0) / 2, rel=1e-4)
-    assert _pointer_loss([uniform], {**batch, "pointer": torch.zeros_like(pointer)}, image_id).item() == 0.0
+    assert _pointer_loss(_given(half), batch, image_id).item() == pytest.approx(np.log(4.0) / 2, rel=1e-4)
+    assert _pointer_loss(_given(uniform), {**batch, "pointer": torch.zeros_like(pointer)}, image_id).item() == 0.0
 
 
 @pytest.mark.parametrize("family", sorted(DETAIL_FAMILIES))

@@ -1330,15 +1330,8 @@ class GroundingProbe:
             handle.remove()
 
 
-HeadLogits = torch.Tensor | ProbedHead  # full logits (B, n, n), or a probed head that computes the rows asked for
-
-
-def _row_logits(head: HeadLogits, sample: torch.Tensor, row: torch.Tensor) -> torch.Tensor:
-    return head.logits(sample, row) if isinstance(head, ProbedHead) else head[sample, row]
-
-
 def _attention_share_loss(
-    heads: Sequence[HeadLogits],
+    heads: Sequence[ProbedHead],
     batch: dict[str, torch.Tensor],
     image_id: int,
     targets: torch.Tensor,
@@ -1354,10 +1347,10 @@ def _attention_share_loss(
     sample, row = rows.nonzero(as_tuple=True)  # (R,) each, in (sample, position) order
     allowed = (torch.arange(n)[None, :] <= row[:, None]) & batch["attention_mask"].bool()[sample]  # (R, n)
     image = (batch["input_ids"][sample] == image_id).float()  # (R, n)
-    on = targets[sample, row if targets.shape[1] > 1 else torch.zeros_like(row)].float()  # (R, n)
+    on = targets.expand(-1, n, -1)[sample, row].float()  # (R, n); a view, for targets per sample too
     loss = torch.zeros(())
     for head in heads:
-        probs = _row_logits(head, sample, row).masked_fill(~allowed, float("-inf")).softmax(-1)  # (R, n)
+        probs = head.logits(sample, row).masked_fill(~allowed, float("-inf")).softmax(-1)  # (R, n)
         share = (probs * on).sum(-1) / (probs * image).sum(-1).clamp_min(1e-9)
         loss = loss - share.clamp_min(1e-6).log().mean()
     return loss / len(heads)
@@ -1370,7 +1363,7 @@ def _answer_rows(batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return rows
 
 
-def _grounding_loss(heads: Sequence[HeadLogits], batch: dict[str, torch.Tensor], image_id: int) -> torch.Tensor:
+def _grounding_loss(heads: Sequence[ProbedHead], batch: dict[str, torch.Tensor], image_id: int) -> torch.Tensor:
     """:func:`_attention_share_loss` on the target's tokens (``collate``'s ``ground``) at every position that predicts
     an answer token, over the samples that mark a target. Zero when none does."""
     ground = batch["ground"]
@@ -1378,7 +1371,7 @@ def _grounding_loss(heads: Sequence[HeadLogits], batch: dict[str, torch.Tensor],
     return _attention_share_loss(heads, batch, image_id, ground[:, None, :], rows)
 
 
-def _pointer_loss(heads: Sequence[HeadLogits], batch: dict[str, torch.Tensor], image_id: int) -> torch.Tensor:
+def _pointer_loss(heads: Sequence[ProbedHead], batch: dict[str, torch.Tensor], image_id: int) -> torch.Tensor:
     """:func:`_attention_share_loss` at each position that predicts an answer character whose image tokens are known
     (``collate``'s ``pointer``), on those tokens: the head reads the answer where it is written, character by
     character. Zero when no sample points anywhere."""
