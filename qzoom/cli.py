@@ -222,6 +222,27 @@ def eval_demo(
         typer.echo(f"wrote {plot_pareto(report, plot)}", err=True)
 
 
+@eval_app.command("tower-probe")
+def eval_tower_probe(
+    model: Annotated[str | None, typer.Option("--model", "-m", help=MODEL_HELP)] = None,
+    train_items: Annotated[int, typer.Option(min=1, help="train-split detail items the probe is fitted on")] = 1500,
+    val_items: Annotated[int, typer.Option(min=1, help="val-split detail items it is scored on")] = 300,
+    seed: Annotated[int, typer.Option(help="benchmark seed")] = 0,
+) -> None:
+    """How much of each detail the vision tower's tokens show: a linear probe per token, native and true-box crops."""
+    from qzoom.engine import QZoomEngine
+    from qzoom.evals.tower_probe import format_probe, probe_tower
+    from qzoom.settings import get_settings
+
+    _quiet_transformers()
+    engine = QZoomEngine.from_pretrained(_model_dir(model, get_settings()))
+    try:
+        report = probe_tower(engine, train_items, val_items, seed=seed)
+    except ValueError as error:
+        _fail(str(error))
+    typer.echo(format_probe(report))
+
+
 # The random benchmark model's shape (Qwen2.5-VL-7B's K/L by default) and the measurement, shared by the benchmarks.
 BenchLayers = Annotated[int, typer.Option(help="decoder layers L")]
 BenchSplit = Annotated[int, typer.Option("--k", help="branch point K")]
