@@ -25,8 +25,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from qzoom import roi
-from qzoom.engine import MIN_BOX_SIDE, QZoomEngine
+from qzoom.engine import QZoomEngine
 from qzoom.evals.synthetic import (
     COARSE_TOKENS,
     CODE_LENGTH,
@@ -34,10 +33,9 @@ from qzoom.evals.synthetic import (
     FAMILIES,
     PATCH_PX,
     SyntheticItem,
-    crop_with_answer,
     iterate,
 )
-from qzoom.train.base import READ_GROUPS, ExampleBuilder, PoolItem, pool_item, reading_targets
+from qzoom.train.base import READ_GROUPS, ExampleBuilder, pool_item
 
 CROPS = ("native", "true box")
 NATIVE_SIDES = (168, 224, 280)
@@ -79,48 +77,41 @@ def fit_linear_probe(
     return lambda z: (((z - mean) / std) @ weight + bias).argmax(-1)
 
 
-def _true_box_crop(engine: QZoomEngine, p: PoolItem, min_px: int, max_px: int) -> tuple[torch.Tensor, ...]:
-    """The ground-truth box's coarse cells, cut and processed as a zoom step would: pixels, grid, reading marks."""
-    item = p.item
-    grid_box = roi.covering_grid_box(item.box, p.grid_hw, item.canvas)
-    pb = roi.grid_box_to_pixels(grid_box, p.grid_hw, item.canvas, min_side=MIN_BOX_SIDE)
-    crop = crop_with_answer(item, pb.as_list(), None, origin=p.origin)
-    pixels, grid = engine._preprocess(crop, min_px, max_px)
-    plate = item.scene.plates[item.scene.target] if item.scene.target is not None else None
-    if plate is None:
-        raise ValueError(f"detail item {item.uid} has no target plate")
-    x0, y0, x1, y1 = plate.box
-    plate_box = (x0 - pb.x0, y0 - pb.y0, x1 - pb.x0, y1 - pb.y0)
-    merge = int(engine.model.config.vision_config.spatial_merge_size)
-    grid_hw = (int(grid[1]) // merge, int(grid[2]) // merge)
-    return pixels, grid, reading_targets(crop, plate_box, plate.border, item.family, item.answer, grid_hw, None)
-
-
 @torch.no_grad()
 def _tokens(
     engine: QZoomEngine, items: Iterable[SyntheticItem], rng: random.Random
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor, list[str]]]:
     """Per crop kind: the features (N, d) of the marked tokens, their labels (N,) and their items' families."""
-    min_px, max_px = 4 * PATCH_PX**2, COARSE_TOKENS * PATCH_PX**2
+    # The checkpoint's own pixel budget, as `view_accuracy` reads it (the benchmark's where the checkpoint sets none).
+    settings = engine.settings
+    min_px, max_px = settings.min_pixels or 4 * PATCH_PX**2, settings.max_pixels or COARSE_TOKENS * PATCH_PX**2
     builder = ExampleBuilder(engine, min_px, max_px)
-    found: dict[str, tuple[list[torch.Tensor], list[int], list[str]]] = {crop: ([], [], []) for crop in CROPS}
+    found: dict[str, tuple[list[torch.Tensor], list[torch.Tensor], list[str]]] = {crop: ([], [], []) for crop in CROPS}
     for item in items:  # one at a time: a 4096 px canvas is 50 MB
         p = pool_item(item, min_px, max_px, reach=max(NATIVE_SIDES))
         example = builder.crop(p, rng.choice(NATIVE_SIDES), rng)
-        views = {"true box": _true_box_crop(engine, p, min_px, max_px)}
+        # The true box: its coarse cells, cut and processed as a zoom step (and `gt-box@B`) would.
+        crop, _, pixel_box, pixels, grid, _ = builder.zoom_view(p, None)
+        views = {"true box": (pixels, grid, builder.zoom_reading(p, crop, pixel_box, grid, item.answer))}
         if example.reading is not None:
             views["native"] = (example.pixel_values[0], example.grids[0], example.reading)
-        for crop, (pixels, grid, reading) in views.items():
-            feats = engine.model.model.get_image_features(pixels, grid[None], return_dict=True).pooler_output[0]
-            marked = torch.nonzero(reading[:, :_CLASSES].sum(1) > 0).flatten()
-            xs, ys, families = found[crop]
-            for token in marked.tolist():
-                xs.append(feats[token])
-                ys.append(int(torch.nonzero(reading[token, :_CLASSES])[0, 0]))
-                families.append(item.family)
+        for kind, (view_pixels, view_grid, reading) in views.items():
+            if reading is None:
+                raise ValueError(f"detail item {item.uid} has no target plate")
+            feats = engine.model.model.get_image_features(view_pixels, view_grid[None], return_dict=True).pooler_output
+            shows = reading[:, :_CLASSES]
+            marked = shows.sum(1) > 0
+            xs, ys, families = found[kind]
+            xs.append(feats[0][marked])
+            ys.append(shows[marked].argmax(1))  # the first marked class, where two glyph centres share a token
+            families.extend([item.family] * int(marked.sum()))
     return {
-        crop: (torch.stack(xs) if xs else torch.empty(0, 0), torch.tensor(ys, dtype=torch.long), families)
-        for crop, (xs, ys, families) in found.items()
+        kind: (
+            torch.cat(xs) if xs else torch.empty(0, 0),
+            torch.cat(ys) if ys else torch.empty(0, dtype=torch.long),
+            fam,
+        )
+        for kind, (xs, ys, fam) in found.items()
     }
 
 

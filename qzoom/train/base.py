@@ -634,11 +634,13 @@ class ExampleBuilder:
         pooled = self.pooled_view(p, "coarse")
         return self.single(p.coarse, item.question, item.answer, item.family, "coarse", box, pooled)
 
-    def fused(self, p: PoolItem, rng: random.Random | None, answer: str | None = None) -> Example:
-        """The coarse view with a native crop spliced after it, exactly as a zoom step does (``engine.splice``)."""
+    def zoom_view(
+        self, p: PoolItem, rng: random.Random | None, answer: str | None = None
+    ) -> tuple[Image.Image, roi.GridBox, roi.PixelBox, torch.Tensor, torch.Tensor, str | None]:
+        """What a zoom step on ``p``'s target shows: the crop of the coarse cells covering it (grown by up to a cell
+        per side with ``rng``; ``answer`` drawn on the target), its grid and pixel boxes, its processed pixels and
+        grid, and its feature key (a pooled item's fixed zoom crop) or None."""
         item = p.item
-        st = self._state(p.coarse, item.question)
-        block = st.blocks[0]
         crop_key: str | None = None
         if p.zoom is not None:
             crop, grid_box = p.zoom
@@ -649,6 +651,28 @@ class ExampleBuilder:
             crop = crop_with_answer(item, box, answer, origin=p.origin)
             crop_pixels, crop_grid = self.engine._preprocess(crop, self.min_pixels, self.max_pixels)
         pixel_box = roi.grid_box_to_pixels(grid_box, p.grid_hw, item.canvas, min_side=MIN_BOX_SIDE)
+        return crop, grid_box, pixel_box, crop_pixels, crop_grid, crop_key
+
+    def zoom_reading(
+        self, p: PoolItem, crop: Image.Image, pixel_box: roi.PixelBox, crop_grid: torch.Tensor, answer: str
+    ) -> torch.Tensor | None:
+        """:func:`reading_targets` of a :meth:`zoom_view` crop showing ``answer`` (no colour marks), or None when
+        ``p`` has no target plate."""
+        scene = p.item.scene
+        if scene.target is None:
+            return None
+        plate = scene.plates[scene.target]
+        x0, y0, x1, y1 = plate.box
+        plate_box = (x0 - pixel_box.x0, y0 - pixel_box.y0, x1 - pixel_box.x0, y1 - pixel_box.y0)
+        grid_hw = (int(crop_grid[1]) // self.merge, int(crop_grid[2]) // self.merge)
+        return reading_targets(crop, plate_box, plate.border, p.item.family, answer, grid_hw, None)
+
+    def fused(self, p: PoolItem, rng: random.Random | None, answer: str | None = None) -> Example:
+        """The coarse view with a native crop spliced after it, exactly as a zoom step does (``engine.splice``)."""
+        item = p.item
+        st = self._state(p.coarse, item.question)
+        block = st.blocks[0]
+        crop, grid_box, pixel_box, crop_pixels, crop_grid, crop_key = self.zoom_view(p, rng, answer)
         n_crop = int(crop_grid.prod()) // self.merge**2
         empty = torch.empty(0)
         self.engine.splice(
@@ -661,12 +685,8 @@ class ExampleBuilder:
         if item.needs_detail:  # the target's coarse cells, and the whole crop (a zoom on it)
             coarse_cells = target_tokens(block, item.canvas, item.box)
             example.target = torch.cat([coarse_cells, torch.arange(st.blocks[1].start, st.blocks[1].end)])
-            plate = item.scene.plates[item.scene.target] if item.scene.target is not None else None
-            if plate is not None:
-                x0, y0, x1, y1 = plate.box
-                plate_box = (x0 - pixel_box.x0, y0 - pixel_box.y0, x1 - pixel_box.x0, y1 - pixel_box.y0)
-                grid_hw = (int(crop_grid[1]) // self.merge, int(crop_grid[2]) // self.merge)
-                reading = reading_targets(crop, plate_box, plate.border, item.family, shown, grid_hw, None)
+            reading = self.zoom_reading(p, crop, pixel_box, crop_grid, shown)
+            if reading is not None:
                 self._point(example, st.blocks[1].start, reading, shown)
         return example
 
