@@ -77,12 +77,15 @@ def load_model(
     kwargs: dict[str, Any] = {}
     if is_legacy_layout(weight_keys(directory)):
         kwargs["key_mapping"] = LEGACY_KEY_MAPPING
-    model: QZoomQwen2_5_VLForConditionalGeneration = QZoomQwen2_5_VLForConditionalGeneration.from_pretrained(
-        str(directory),
-        dtype=dtype or torch.float32,
-        attn_implementation=attn_implementation,
-        **kwargs,
-    )
+    try:
+        model: QZoomQwen2_5_VLForConditionalGeneration = QZoomQwen2_5_VLForConditionalGeneration.from_pretrained(
+            str(directory),
+            dtype=dtype or torch.float32,
+            attn_implementation=attn_implementation,
+            **kwargs,
+        )
+    except ValueError as err:  # a Q-Zoom field of config.json that does not fit (QZoomSettings names it)
+        raise CheckpointError(f"{directory}: {err}") from err
     model.to(torch.device(device))  # type: ignore[arg-type]  # transformers types .to() for dtypes only
     model.eval()
     return model

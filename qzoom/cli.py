@@ -78,6 +78,13 @@ def ask(
     min_pixels: Annotated[int | None, typer.Option(help="lower pixel budget per view")] = None,
     max_pixels: Annotated[int | None, typer.Option(help="upper pixel budget per view")] = None,
     max_boxes: Annotated[int | None, typer.Option(min=1, max=8, help="boxes per step [checkpoint]")] = None,
+    box_mode: Annotated[
+        Literal["union", "components"] | None,
+        typer.Option(help="union: one box around every cell (paper); components: heaviest first [checkpoint]"),
+    ] = None,
+    roi_peak_frac: Annotated[
+        float | None, typer.Option(min=0.0, max=1.0, help="keep cells above this fraction of the peak [checkpoint]")
+    ] = None,
     margin: Annotated[float, typer.Option(min=0.0, max=1.0, help="border around each box, fraction of side")] = 0.0,
     max_new_tokens: Annotated[int, typer.Option(min=1, max=1024)] = 32,
     device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1, ... [env QZOOM_DEVICE]")] = None,
@@ -106,13 +113,15 @@ def ask(
             force_zoom=zoom,
             max_steps=max_steps,
             max_boxes=max_boxes,
+            box_mode=box_mode,
+            roi_peak_frac=roi_peak_frac,
             margin=margin,
             max_new_tokens=max_new_tokens,
         )
         picture = load_image(image)
         engine = QZoomEngine.from_pretrained(model_dir, device=settings.torch_device(), dtype=settings.torch_dtype())
     except ValidationError as err:
-        _fail("; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors()))
+        _fail("; ".join(f"{'.'.join(map(str, e['loc'])) or 'options'}: {e['msg']}" for e in err.errors()))
     except (ImageError, CheckpointError, OSError) as err:
         _fail(str(err))
     state = engine.new_state(picture, query, options)

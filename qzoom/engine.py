@@ -110,6 +110,8 @@ class SequenceState:
     gate_thresh: float
     roi_thresh: float
     max_boxes: int
+    box_mode: roi.BoxMode = "union"
+    roi_peak_frac: float = 0.0
     system_prompt: str | None = None  # None: the chat template's default (stock Qwen: "You are a helpful assistant.")
     # Tensors start empty and are filled by the steps named beside them.
     input_ids: Tensor = field(default_factory=lambda: _EMPTY_IDS)  # prepare: (n,)
@@ -359,6 +361,8 @@ class QZoomEngine:
         max_px = opts.max_pixels or s.max_pixels or max(DEFAULT_MAX_PIXELS, min_px)
         if min_px > max_px:
             raise ValueError(f"min_pixels ({min_px}) must not exceed max_pixels ({max_px})")
+        # A request's "union" (the paper's one box) overrides a checkpoint's several boxes per step.
+        max_boxes = opts.max_boxes or (1 if opts.box_mode == "union" else s.max_boxes)
         return SequenceState(
             image=image,
             query=query,
@@ -367,7 +371,9 @@ class QZoomEngine:
             max_pixels=max_px,
             gate_thresh=s.high_res_thresh if opts.gate_thresh is None else opts.gate_thresh,
             roi_thresh=s.roi_thresh if opts.roi_thresh is None else opts.roi_thresh,
-            max_boxes=s.max_boxes if opts.max_boxes is None else opts.max_boxes,
+            max_boxes=max_boxes,
+            box_mode=s.box_mode if opts.box_mode is None else opts.box_mode,
+            roi_peak_frac=s.roi_peak_frac if opts.roi_peak_frac is None else opts.roi_peak_frac,
             system_prompt=system_prompt,
         )
 
@@ -674,7 +680,12 @@ class QZoomEngine:
                 candidates = []
                 for block, logits in zip(st.newest_blocks, maps, strict=True):
                     grid_boxes, prob = roi.propose_grid_boxes(
-                        logits, st.roi_thresh, max_boxes=st.max_boxes, sink_mask=True
+                        logits,
+                        st.roi_thresh,
+                        max_boxes=st.max_boxes,
+                        mode=st.box_mode,
+                        peak_frac=st.roi_peak_frac,
+                        sink_mask=True,
                     )
                     candidates.append((float(prob.max()), block, logits, prob, grid_boxes))
                 _, block, logits, prob, grid_boxes = max(candidates, key=lambda c: c[0])

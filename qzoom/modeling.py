@@ -33,6 +33,8 @@ from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import (
     repeat_kv,
 )
 
+from qzoom.roi import BOX_MODES, BoxMode
+
 # Defaults of the official code (spec §1.1, §3, §5.1): τ_roi = 0.1 at build time, τ_gate = 0.1.
 DEFAULT_ROI_THRESH = 0.1
 DEFAULT_GATE_THRESH = 0.1
@@ -53,6 +55,11 @@ class QZoomSettings:
     # Boxes per zoom step (connected components of the thresholded map). Not an official key: the paper's one box
     # is the default, and a checkpoint whose boxes were calibrated (`qzoom train boxes`) records its own.
     max_boxes: int = 1
+    # How the boxes come from the map (`qzoom.roi.propose_grid_boxes`), also not official keys: "union" of every cell
+    # above τ_roi is the paper; "components" takes the heaviest connected components; `roi_peak_frac` > 0 also drops
+    # the cells below that fraction of the map's peak. A checkpoint records its own (the demo model does).
+    box_mode: BoxMode = "union"
+    roi_peak_frac: float = 0.0
     # The official code reads `reuse_src_pos` with default False (QZ:M25:1161); a checkpoint that wants the aligned
     # positions says so in its config (ours always write it).
     reuse_src_pos: bool = False
@@ -80,6 +87,8 @@ class QZoomSettings:
             high_res_thresh=get_float("high_res_thresh", DEFAULT_GATE_THRESH),
             roi_thresh=get_float("roi_thresh", DEFAULT_ROI_THRESH),
             max_boxes=int(get("max_boxes", None) or 1),
+            box_mode=_box_mode(get("box_mode", None)),
+            roi_peak_frac=get_float("roi_peak_frac", 0.0),
             reuse_src_pos=bool(get("reuse_src_pos", False)),
             min_pixels=get("min_pixels", None),
             max_pixels=get("max_pixels", None),
@@ -97,6 +106,15 @@ class QZoomSettings:
             raise ValueError(
                 f"high_res_K={self.high_res_K}, high_res_T={self.high_res_T} do not fit a {num_layers}-layer decoder"
             )
+
+
+def _box_mode(value: Any) -> BoxMode:
+    if value is None:
+        return "union"
+    for mode in BOX_MODES:
+        if value == mode:
+            return mode
+    raise ValueError(f"config.json box_mode must be one of {', '.join(BOX_MODES)}; got {value!r}")
 
 
 def _branch_layers(text_config: Any, count: int, first_layer_idx: int) -> nn.ModuleList:

@@ -3,8 +3,9 @@
 `AskResult` is exactly what `qzoom ask --json` prints and what `POST /ask` returns:
 `{answer, zoomed, gate_score, steps[{box, gate_score, visual_tokens}], visual_tokens, timings_ms, model}`, boxes in
 integer pixels of the original image with x1/y1 exclusive. `AskOptions` are the per-request knobs; every default
-reproduces the paper (one step, no margin) or takes the checkpoint's value (its thresholds, and its boxes per step: one,
-the paper's, unless its boxes were calibrated with `qzoom train boxes`).
+reproduces the paper (one step, no margin) or takes the checkpoint's value (its thresholds, and how it makes boxes: one
+box around every cell above τ_roi, the paper's, unless the checkpoint records otherwise, as `qzoom train boxes` and
+the demo model do).
 
 `check_prompt_text` guards the text a caller puts into the prompt (the question, a system prompt): it may not hold the
 chat template's control tokens (`CONTROL_TOKENS`), which would open fake turns or image slots without pixels behind
@@ -13,7 +14,7 @@ them; `PromptTextError` (a `ValueError`) names the field and the token.
 
 from __future__ import annotations
 
-from typing import Self
+from typing import Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -59,6 +60,17 @@ class AskOptions(BaseModel):
     max_boxes: int | None = Field(
         None, ge=1, le=8, description="boxes per step from connected components (default: the checkpoint's, else 1)"
     )
+    box_mode: Literal["union", "components"] | None = Field(
+        None,
+        description="union: one box around every cell above τ_roi (the paper); components: the heaviest connected "
+        "components, max_boxes of them (default: the checkpoint's, else union)",
+    )
+    roi_peak_frac: float | None = Field(
+        None,
+        ge=0.0,
+        le=1.0,
+        description="cells must also reach this fraction of the map's peak (default: the checkpoint's, else 0)",
+    )
     margin: float = Field(0.0, ge=0.0, le=1.0, description="extra border around each box, as a fraction of its side")
     max_new_tokens: int = Field(32, ge=1, le=1024, description="answer length limit in tokens")
 
@@ -66,6 +78,8 @@ class AskOptions(BaseModel):
     def _budget_order(self) -> Self:
         if self.min_pixels is not None and self.max_pixels is not None and self.min_pixels > self.max_pixels:
             raise ValueError(f"min_pixels ({self.min_pixels}) must not exceed max_pixels ({self.max_pixels})")
+        if self.box_mode == "union" and (self.max_boxes or 1) > 1:
+            raise ValueError(f"box_mode 'union' makes one box per step; max_boxes {self.max_boxes} needs 'components'")
         return self
 
 

@@ -98,6 +98,22 @@ def test_unloadable_directories_say_why(tmp_path, files, message):
         load_model(tmp_path)
 
 
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("twig_K", 9, "twig_K=9, twig_T=.* do not fit"),
+        ("box_mode", "largest", "config.json box_mode must be one of union"),
+    ],
+)
+def test_a_config_field_that_does_not_fit_names_the_checkpoint_and_the_field(saved, field, value, message):
+    _, saved = saved
+    config = json.loads((saved / "config.json").read_text())
+    config[field] = value
+    (saved / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=f"{saved}: {message}"):
+        load_model(saved)
+
+
 def test_branch_points_must_fit_the_decoder():
     with pytest.raises(ValueError, match="do not fit"):
         make_tiny_model(twig_K=3, twig_T=2)

@@ -254,6 +254,19 @@ def test_a_person_asks_and_sees_steps_box_heatmap_and_answer(live, browser, tmp_
     box, on_screen, _ = rendered_box(page)
     assert box == gated["steps"][0]["box"]
 
+    # 4. The box mode reaches the API: the heaviest blob alone, as the API draws it for the same request.
+    blob = api_ask(live, force_zoom="true", box_mode="components")
+    assert blob["steps"][0]["box"] != forced["steps"][0]["box"]  # on this map the two modes differ
+    page.select_option("#force-zoom", "true")
+    page.select_option("#box-mode", "components")
+    submit_and_wait(page)
+    assert rendered_box(page)[0] == blob["steps"][0]["box"]
+    page.select_option("#box-mode", "")
+    page.select_option("#force-zoom", "")
+    submit_and_wait(page)
+    box, on_screen, _ = rendered_box(page)
+    assert box == gated["steps"][0]["box"]
+
     shot = tmp_path / "demo_page.png"
     page.screenshot(path=str(shot))  # the viewport: a full-page capture resizes it, and the image with it
     with Image.open(shot) as im:

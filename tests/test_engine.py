@@ -7,13 +7,14 @@ import copy
 import pytest
 import torch
 from PIL import Image
+from pydantic import ValidationError
 
 from conftest import MAX_PIXELS, MIN_PIXELS, make_tiny_model, scene
 from qzoom import roi
 from qzoom.agent import ask, run
 from qzoom.engine import Proposal, QZoomEngine, SequenceState
 from qzoom.images import padded_to_aspect
-from qzoom.modeling import QZoomQwen2_5_VLForConditionalGeneration
+from qzoom.modeling import QZoomQwen2_5_VLForConditionalGeneration, QZoomSettings
 from qzoom.schemas import AskOptions
 
 BUDGET = {"min_pixels": MIN_PIXELS, "max_pixels": MAX_PIXELS}
@@ -250,6 +251,41 @@ def test_the_checkpoints_box_settings_are_the_default_and_a_request_overrides_th
     )
     assert len(default.blocks) == 3 and len(paper.blocks) == 2
     assert [b.box for b in default.blocks] == [b.box for b in explicit.blocks]
+
+
+def test_the_checkpoints_box_mode_is_the_default_and_a_request_overrides_it(tiny_model, processor, images):
+    """`box_mode` and `roi_peak_frac` in config.json (the demo model records them) are what a request gets unless it
+    sets its own; a request's "union" is the paper's one box even where the checkpoint makes several."""
+    st = QZoomEngine(tiny_model, processor).new_state(images[0], "q")
+    assert (st.box_mode, st.roi_peak_frac, st.max_boxes) == ("union", 0.0, 1)
+    config = copy.deepcopy(tiny_model.config)
+    config.box_mode, config.roi_peak_frac, config.max_boxes = "components", 0.5, 2
+    recorded = QZoomQwen2_5_VLForConditionalGeneration(config).eval()
+    recorded.load_state_dict(tiny_model.state_dict())
+    engine = QZoomEngine(recorded, processor)
+    st = engine.new_state(images[0], "q")
+    assert (st.box_mode, st.roi_peak_frac, st.max_boxes) == ("components", 0.5, 2)
+    st = engine.new_state(images[0], "q", AskOptions(box_mode="union", roi_peak_frac=0.0))
+    assert (st.box_mode, st.roi_peak_frac, st.max_boxes) == ("union", 0.0, 1)
+    # The heaviest component alone lies inside the paper's one box over every cell.
+    opts = {"force_zoom": True, "roi_thresh": 0.1, **BUDGET}
+    (heaviest,) = run_states(engine, [images[0]], [QUESTIONS[0]], AskOptions(max_boxes=1, **opts))
+    (paper,) = run_states(engine, [images[0]], [QUESTIONS[0]], AskOptions(box_mode="union", roi_peak_frac=0, **opts))
+    assert len(heaviest.blocks) == 2 and len(paper.blocks) == 2
+    inner, outer = heaviest.blocks[1].box, paper.blocks[1].box
+    assert outer.x0 <= inner.x0 and inner.x1 <= outer.x1 and outer.y0 <= inner.y0 and inner.y1 <= outer.y1
+    assert inner.width * inner.height < outer.width * outer.height
+
+
+def test_box_settings_a_request_or_checkpoint_cannot_combine_are_refused(tiny_model):
+    with pytest.raises(ValidationError, match="union' makes one box per step; max_boxes 3"):
+        AskOptions(box_mode="union", max_boxes=3)
+    with pytest.raises(ValidationError, match="box_mode"):
+        AskOptions(box_mode="largest")  # type: ignore[arg-type]
+    config = copy.deepcopy(tiny_model.config)
+    config.box_mode = "largest"
+    with pytest.raises(ValueError, match="box_mode must be one of union, components; got 'largest'"):
+        QZoomSettings.from_config(config)
 
 
 def test_margin_grows_the_box(engine, images):

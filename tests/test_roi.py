@@ -206,6 +206,39 @@ def test_two_separated_blobs_make_one_box_by_default() -> None:
         propose_grid_boxes(logits, 0.5, max_boxes=0)
 
 
+def test_components_mode_keeps_the_heaviest_blob_alone() -> None:
+    logits = torch.full((12, 16), -30.0)
+    logits[2:4, 2:4] = 30.0
+    logits[7:10, 11:14] = 30.0
+    heaviest, _ = propose_grid_boxes(logits, 0.5, mode="components", sink_mask=False)
+    assert heaviest == [GridBox(11, 7, 14, 10)]
+    assert propose_grid_boxes(logits, 0.5, mode="components", max_boxes=2, sink_mask=False)[0] == [
+        GridBox(11, 7, 14, 10),
+        GridBox(2, 2, 4, 4),
+    ]
+    with pytest.raises(ValueError, match="union, components"):
+        propose_grid_boxes(logits, 0.5, mode="biggest")  # type: ignore[arg-type]
+
+
+def test_peak_frac_drops_the_cells_below_that_share_of_the_peak() -> None:
+    # A strong blob and a faint one that passes τ_roi: the union spans both until the faint one falls below the
+    # fraction of the peak; a fraction of 0 is the paper's map.
+    logits = torch.full((12, 16), -30.0)
+    logits[2:4, 2:4] = 0.0  # sigmoid 0.5, about 0.27 after the blur
+    logits[7:10, 11:14] = 30.0  # about 1.0 in the middle after the blur
+    (both,), prob = propose_grid_boxes(logits, 0.2, sink_mask=False)
+    assert (both.x0, both.y0) == (2, 2) and (both.x1, both.y1) >= (14, 10)  # one box over both blobs and their rims
+    assert propose_grid_boxes(logits, 0.2, peak_frac=0.0, sink_mask=False)[0] == [both]
+    assert float(prob[2:4, 2:4].max()) < 0.5 * float(prob.max()) < float(prob[7:10, 11:14].min())
+    (strong,), _ = propose_grid_boxes(logits, 0.2, peak_frac=0.5, sink_mask=False)
+    assert strong.x0 >= 10 and strong.y0 >= 6  # the faint blob is gone
+    assert strong.x0 <= 11 and strong.y0 <= 7 and strong.x1 >= 14 and strong.y1 >= 10  # the strong one is whole
+    # Every cell at the peak passes, whatever the fraction.
+    assert propose_grid_boxes(logits, 0.2, peak_frac=1.0, sink_mask=False)[0] != []
+    with pytest.raises(ValueError, match="peak_frac"):
+        propose_grid_boxes(logits, 0.2, peak_frac=1.5)
+
+
 # ------------------------------------------------------------------------------------------------ tight box
 
 

@@ -24,7 +24,7 @@ from qzoom.offline import build_processor, build_tokenizer, tiny_qwen25vl_config
 from qzoom.schemas import AskOptions
 from qzoom.train import stage1 as stage1_module
 from qzoom.train.boxes import BoxConfig, calibrate_boxes, write_box_settings
-from qzoom.train.common import RunDir, SyntheticItems, TrainConfig, TrainingError, fit
+from qzoom.train.common import RunDir, SyntheticItems, TrainConfig, TrainingError, fit, update_config
 from qzoom.train.labels import (
     answer_right,
     answer_to_image_attention_per_head,
@@ -729,9 +729,40 @@ def test_box_calibration_picks_the_setting_with_the_most_right_answers_and_the_e
     write_box_settings(model, chosen)  # a second calibration replaces the first's record
     config_json = json.loads((model / "config.json").read_text())
     assert (config_json["roi_thresh"], config_json["max_boxes"]) == (0.3, 2)
+    assert (config_json["box_mode"], config_json["roi_peak_frac"]) == ("components", 0.0)
     assert [e["stage"] for e in config_json["qzoom_training"]] == ["stage1", "boxes"]
     st = QZoomEngine.from_pretrained(model).new_state(items[0].image, items[0].question)
-    assert (st.roi_thresh, st.max_boxes) == (0.3, 2)
+    assert (st.roi_thresh, st.max_boxes, st.box_mode) == (0.3, 2, "components")
+
+
+def test_box_calibration_scores_the_paper_box_whatever_mode_the_checkpoint_recorded(stage1_dir, items, tmp_path):
+    """A checkpoint that records components above half the peak (as the demo model does) still has its "0.1:1"
+    candidate scored as the paper's union, and a choice of one box writes the union back."""
+    model = tmp_path / "recorded"
+    shutil.copytree(stage1_dir, model)
+    update_config(model, {"box_mode": "components", "roi_peak_frac": 0.5}, {"stage": "demo_boxes"})
+
+    def boxes(directory: Path) -> list[list[list[int]]]:
+        engine = QZoomEngine.from_pretrained(directory)
+        opts = AskOptions(min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS)
+        states = [engine.new_state(item.image, item.question, opts) for item in items]
+        engine.prepare(states)
+        engine.encode(states)
+        engine.prefill(states)
+        return [[b.as_list() for b in p.boxes] for p in engine.propose(states)]
+
+    assert boxes(model) != boxes(stage1_dir)  # the record changes the boxes, so the candidate must undo it
+    seen: list[str] = []
+
+    def record(question: str, ground_truth: str, answer_a: str, answer_b: str) -> tuple[bool, bool]:
+        seen.append(answer_a)
+        return False, False
+
+    chosen = calibrate_boxes(model, items, BoxConfig(candidates=[(0.1, 1)], **BOX_RUNTIME), judge=record)
+    assert seen == answers(stage1_dir, items)  # the paper's box: the answers of the checkpoint without the record
+    write_box_settings(model, chosen)
+    st = QZoomEngine.from_pretrained(model).new_state(items[0].image, items[0].question)
+    assert (st.roi_thresh, st.max_boxes, st.box_mode, st.roi_peak_frac) == (0.1, 1, "union", 0.0)
 
 
 def test_box_calibration_keeps_the_earlier_candidate_unless_a_later_one_gains_more_than_min_gain(stage1_dir, items):

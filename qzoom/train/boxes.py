@@ -6,7 +6,8 @@ Contract of :func:`calibrate_boxes` (``qzoom train boxes``): every candidate set
 scores each answer against the item's reference answer. The candidates are taken in order, the paper's setting
 first: a later one replaces the choice so far only when it answers more than ``min_gain`` of the items more right,
 so that a difference within the noise of a few items keeps the setting nearer the paper. :func:`write_box_settings`
-records the choice in the checkpoint's ``config.json`` (``roi_thresh``, ``max_boxes``, and every candidate's score in
+records the choice in the checkpoint's ``config.json`` (``roi_thresh``, ``max_boxes``, the box mode they were scored in:
+the paper's union for one box, components for more, no peak fraction; and every candidate's score in
 ``qzoom_training``), from where the engine takes its defaults; a request's own ``roi_thresh`` / ``max_boxes`` still
 override them.
 
@@ -33,6 +34,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from tqdm.auto import tqdm
 
+from qzoom.roi import BoxMode
 from qzoom.train.common import (
     TrainingError,
     TrainItem,
@@ -94,6 +96,11 @@ def _key(thresh: float, boxes: int) -> str:
     return f"{thresh:g}/{boxes}"
 
 
+def _mode(boxes: int) -> BoxMode:
+    """A candidate's boxes whatever the checkpoint recorded before: one is the paper's union, more are components."""
+    return "union" if boxes == 1 else "components"
+
+
 def calibrate_boxes(
     model_dir: str | Path,
     items: Sequence[TrainItem],
@@ -119,6 +126,8 @@ def calibrate_boxes(
             options = AskOptions(
                 roi_thresh=thresh,
                 max_boxes=boxes,
+                box_mode=_mode(boxes),
+                roi_peak_frac=0.0,
                 force_zoom=True,
                 min_pixels=config.min_pixels,
                 max_pixels=config.max_pixels,
@@ -145,6 +154,12 @@ def calibrate_boxes(
 
 
 def write_box_settings(model_dir: str | Path, calibration: BoxCalibration) -> Path:
-    """Record the chosen ``roi_thresh`` and ``max_boxes`` (and the scores) in ``model_dir/config.json``."""
-    settings = {"roi_thresh": calibration.roi_thresh, "max_boxes": calibration.max_boxes}
+    """Record the chosen ``roi_thresh`` and ``max_boxes`` (and the scores) in ``model_dir/config.json``, with the box
+    mode they were scored in (``box_mode``, ``roi_peak_frac`` 0), replacing any the checkpoint recorded before."""
+    settings = {
+        "roi_thresh": calibration.roi_thresh,
+        "max_boxes": calibration.max_boxes,
+        "box_mode": _mode(calibration.max_boxes),
+        "roi_peak_frac": 0.0,
+    }
     return update_config(model_dir, settings, calibration.as_record())
