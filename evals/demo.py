@@ -336,6 +336,20 @@ def plot_pareto(report: DemoReport, path: str | Path) -> Path:
     return out
 
 
+def _boxes_line(config: dict[str, Any]) -> str:
+    """How the checkpoint turns its SD-RPN map into boxes, in words (the config keys `qzoom.roi` reads)."""
+    thresh, boxes = config.get("roi_thresh"), int(config.get("max_boxes") or 1)
+    peak = float(config.get("roi_peak_frac") or 0.0)
+    floor = f" that also reach {peak:g} of the map's peak" if peak else ""
+    if config.get("box_mode", "union") == "union" and boxes == 1:
+        return f"one box around every cell above `roi_thresh` {thresh}{floor} (the paper's box)."
+    which = "the heaviest connected component" if boxes == 1 else f"the {boxes} heaviest connected components"
+    return (
+        f"{which} of the cells above `roi_thresh` {thresh}{floor}, per zoom step (`box_mode` components; "
+        "the paper: one box around every cell above the threshold)."
+    )
+
+
 def write_model_card(
     model_dir: str | Path, report: DemoReport, *, items: int, seed: int, budgets: Sequence[int]
 ) -> Path:
@@ -375,8 +389,7 @@ def write_model_card(
         f"(`reuse_src_pos={config.get('reuse_src_pos')}`).",
         f"- Pixel budget per view: {config.get('min_pixels')} to {config.get('max_pixels')} pixels "
         f"({(config.get('max_pixels') or 0) // (PATCH_PX * PATCH_PX)} merged tokens at most).",
-        f"- Boxes: `roi_thresh` {config.get('roi_thresh')}, at most {config.get('max_boxes', 1)} box(es) per zoom step "
-        "(one per connected component of the SD-RPN's map; the paper: one box around all of it).",
+        f"- Boxes: {_boxes_line(config)}",
         f"- Weights: `model.safetensors`, {size_mb:.1f} MB (float32).",
         "",
         "## How it was made",

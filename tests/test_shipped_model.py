@@ -15,12 +15,13 @@ import pytest
 
 from qzoom.evals.demo import DemoReport, evaluate_demo, uncached_engine
 from qzoom.models import DEMO_MODEL, default_model_dir
+from qzoom.train.demo import DemoRecipe
 
 ITEMS = 70  # 50 detail questions, 20 coarse ones (the seven families round-robin)
 # Bounds below the card's numbers (300 items) by more than the sampling noise of ITEMS; measured here: see each test.
 COARSE_RIGHT = 0.70  # 90% on these items
-DETAIL_ZOOMED = 0.20  # 32% on these items
-DETAIL_GAIN = 0.15  # 26 points on these items
+DETAIL_ZOOMED = 0.26  # 38% on these items
+DETAIL_GAIN = 0.20  # 32 points on these items
 GATE_FIRES = 0.80  # 98% of 47 questions on these items
 
 
@@ -35,6 +36,13 @@ def test_the_package_ships_the_demo_model_with_its_card():
     assert config["enable_twig"] and config["enable_high_res"]  # SD-RPN and gate
     assert config["qzoom_stage1_heads"]["grounding"]  # Stage 1 recorded the heads it distilled from
     assert "qzoom_base_recipe" in config
+    # The boxes are the recipe's (written by `qzoom train demo`), not left from a calibration or a hand edit.
+    recipe = DemoRecipe()
+    assert (config["box_mode"], config["max_boxes"], config["roi_peak_frac"]) == (
+        recipe.box_mode,
+        recipe.max_boxes,
+        recipe.roi_peak_frac,
+    )
     training = json.loads((DEMO_MODEL / "training.json").read_text())
     assert training["command"] == "qzoom train demo" and set(training["seconds"]) == {
         "base",
@@ -52,7 +60,7 @@ def test_the_coarse_view_fails_on_detail_and_answers_coarse_questions(report):
 
 
 def test_zooming_reads_details_the_coarse_view_cannot(report):
-    # The issue asks 85%, which this checkpoint misses (the card: 32.6% against 8.4% on the coarse view); the bound
+    # The issue asks 85%, which this checkpoint misses (the card: 40.9% against 8.4% on the coarse view); the bound
     # is what it does reach, so that a retrained checkpoint that zooms worse fails here.
     qzoom, coarse = report.accuracy("qzoom@256", "detail"), report.accuracy("coarse@256", "detail")
     assert qzoom >= DETAIL_ZOOMED and qzoom - coarse >= DETAIL_GAIN
@@ -65,11 +73,13 @@ def test_the_gate_fires_on_detail_and_skips_most_coarse_right_questions(report):
 
 
 def test_the_sd_rpn_box_holds_the_target(report):
-    assert report.rpn_hit_rate() >= 0.85  # the issue's bound; the card: 98.1%, here 100%
-    assert report.rpn_box_share() < 0.20  # a box around the plate, not the image (the card: median 13.4%, here 6.5%)
+    assert report.rpn_hit_rate() >= 0.85  # the issue's bound; the card: 92.1%, here 96%
+    assert report.rpn_box_share() < 0.10  # boxes around plates, not the image (the card: median 2.6%, here 2.6%)
 
 
 def test_zooming_costs_one_view_more_at_most_and_keeps_the_coarse_answers(report):
-    # One zoom step re-encodes one region at the same budget: at most twice the coarse view's tokens.
+    # A zoom step re-encodes up to two regions (the checkpoint's `max_boxes`), each at most at the coarse view's budget
+    # and mostly far below it (small boxes), and the gate leaves a quarter of the questions unzoomed: on these items
+    # 1.67x the coarse view's tokens in all (the card: 409 against 240 a question).
     assert sum(report.runs["qzoom@256"].visual_tokens) <= 2 * sum(report.runs["coarse@256"].visual_tokens)
-    assert report.accuracy("qzoom@256", "coarse") >= COARSE_RIGHT  # the card: 87%, here 90%
+    assert report.accuracy("qzoom@256", "coarse") >= COARSE_RIGHT  # the card: 84.7%, here 85%

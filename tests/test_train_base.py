@@ -4,6 +4,7 @@ writes a loadable checkpoint, `qzoom eval demo` measures every configuration on 
 from __future__ import annotations
 
 import dataclasses
+import json
 import random
 
 import numpy as np
@@ -846,6 +847,23 @@ def test_model_card_states_the_numbers_the_command_and_the_targets_missed(micro_
     status = card.split("## Status\n", 1)[1].split("\n## ", 1)[0]
     assert all(name in status for name in missed)
     assert not any(t.name in status for t in TARGETS if t.met(report))
+
+
+def test_model_card_says_how_the_checkpoint_makes_its_boxes(micro_dir, tmp_path):
+    report = evaluate_demo(uncached_engine(micro_dir), 1, budgets=(), chunk=1)
+    model_dir = tmp_path / "card"
+    model_dir.mkdir()
+    config = json.loads((micro_dir / "config.json").read_text())
+
+    def boxes_line(**settings: object) -> str:
+        (model_dir / "config.json").write_text(json.dumps({**config, **settings}))
+        card = write_model_card(model_dir, report, items=1, seed=0, budgets=()).read_text()
+        return next(line for line in card.splitlines() if line.startswith("- Boxes:"))
+
+    assert "one box around every cell above `roi_thresh` 0.1 (the paper's box)" in boxes_line(roi_thresh=0.1)
+    line = boxes_line(roi_thresh=0.1, box_mode="components", roi_peak_frac=0.5)
+    assert "the heaviest connected component of the cells above `roi_thresh` 0.1 that also reach 0.5 of" in line
+    assert "the 2 heaviest connected components" in boxes_line(roi_thresh=0.2, max_boxes=2)
 
 
 def test_rpn_box_share_is_the_median_box_area_over_detail_questions():
