@@ -60,6 +60,7 @@ class AskOptions(BaseModel):
     max_boxes: int | None = Field(
         None, ge=1, le=8, description="boxes per step from connected components (default: the checkpoint's, else 1)"
     )
+    # The values of `qzoom.roi.BOX_MODES`, spelled out so that this module stays free of torch (`qzoom.roi` needs it).
     box_mode: Literal["union", "components"] | None = Field(
         None,
         description="union: one box around every cell above τ_roi (the paper); components: the heaviest connected "

@@ -12,13 +12,11 @@ checkpoint directory under ``work_dir``:
    budget is right (``signal="prediction_vs_gt"``; see :class:`DemoRecipe` for why not the consistency filter), its
    threshold chosen on calibration items it did not train on.
 
-5. The box settings of :class:`DemoRecipe` (``box_mode``, ``max_boxes``, ``roi_peak_frac``; τ_roi stays the paper's
-   0.1) are written into the last checkpoint's ``config.json``: they change no weight, only how the SD-RPN's map
-   becomes boxes.
-
-The last checkpoint is copied to ``out`` with a ``training.json`` (recipe, item ranges, seconds per step); every
-step is seeded, the stages are resumable (rerunning continues where it stopped). All items come from the train
-split; ``qzoom eval demo`` measures on the test split.
+The last checkpoint is copied to ``out``; the box settings of :class:`DemoRecipe` (``box_mode``, ``max_boxes``,
+``roi_peak_frac``; τ_roi stays the paper's 0.1) are written into that copy's ``config.json`` (they change no weight,
+only how the SD-RPN's map becomes boxes), and a ``training.json`` (recipe, item ranges, seconds per step) beside
+it. Every step is seeded, the stages are resumable (rerunning continues where it stopped). All items come from the
+train split; ``qzoom eval demo`` measures on the test split.
 """
 
 from __future__ import annotations
