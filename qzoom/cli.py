@@ -510,6 +510,13 @@ def train_stage2_cmd(
     judge: Annotated[str, typer.Option(help="auto (synthetic scoring / exact match), exact, or llm")] = "auto",
     judge_model: Annotated[Path | None, typer.Option(help="chat checkpoint for --judge llm")] = None,
     target: Annotated[str, typer.Option(help="SFT target: answer (the coarse answer) or gt")] = "answer",
+    samples: Annotated[
+        Literal["regressions", "zoomed"],
+        typer.Option(help="train on the regressions (paper) or on every sample zoomed on (with --target gt)"),
+    ] = "regressions",
+    first_layer: Annotated[
+        int, typer.Option(min=0, help="decoder layers below stay frozen (>= twig_K keeps the SD-RPN's input)")
+    ] = 0,
     gradient_checkpointing: Annotated[bool, typer.Option(help="less memory, more compute")] = False,
     data_seed: TrainDataSeed = 0,
     min_side: TrainSide = 896,
@@ -539,7 +546,8 @@ def train_stage2_cmd(
         return train_stage2(model, items, out, config, judge=chosen)
 
     _train_run(
-        "stage 2", Stage2Config, build, target=target, gradient_checkpointing=gradient_checkpointing, lr=lr,
+        "stage 2", Stage2Config, build, target=target, samples=samples, first_layer=first_layer,
+        gradient_checkpointing=gradient_checkpointing, lr=lr,
         batch_size=batch_size, epochs=epochs, max_steps=max_steps, seed=seed, save_every=save_every, device=device,
         dtype=dtype, min_pixels=min_pixels, max_pixels=max_pixels, max_new_tokens=max_new_tokens,
         mine_batch_size=mine_batch_size,

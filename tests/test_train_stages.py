@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from pydantic import ValidationError
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
@@ -289,6 +290,35 @@ def test_stage2_mines_exactly_the_regressions_and_trains_decoder_and_lm_head(sta
     assert any(k.startswith("model.language_model.layers.0.") for k in changed)
     assert all(k == "lm_head.weight" or k.startswith("model.language_model.layers.") for k in changed)
     assert len(answers(out, items[:2])) == 2
+
+
+def test_stage2_zoomed_samples_train_every_zoomed_one_above_first_layer(stage1_dir, items, tmp_path):
+    # The verdicts say no sample regressed, so the paper's pool would be empty; "zoomed" trains on all four.
+    labelled = [dataclasses.replace(item, answer="AN BN") for item in items]
+    config = Stage2Config(
+        roi_thresh=0.0, max_new_tokens=3, batch_size=2, max_steps=2, lr=1e-3, samples="zoomed", target="gt",
+        first_layer=2, **RUNTIME,
+    )  # fmt: skip
+    out = train_stage2(stage1_dir, labelled, tmp_path / "out", config, judge=verdict_judge)
+    summary = json.loads((out / "trainer" / "state.json").read_text())["summary"]
+    assert summary["regressions"] == 0 and summary["trained_on"] == 4 and summary["steps"] == 2
+    changed = changed_keys(weights(stage1_dir), weights(out))
+    assert "lm_head.weight" in changed and any(k.startswith("model.language_model.layers.2.") for k in changed)
+    # Layers 0 and 1 feed the SD-RPN and the gate (K = 2 here): frozen, so their inputs are what Stage 1 saw.
+    below = ("model.language_model.layers.0.", "model.language_model.layers.1.")
+    assert not [k for k in changed if k.startswith(below)]
+
+
+def test_stage2_options_that_cannot_work_are_refused(stage1_dir, items, tmp_path):
+    with pytest.raises(ValidationError, match="target='gt'"):
+        Stage2Config(samples="zoomed")  # the coarse answer is no target for samples it may have got wrong
+    args = ["train", "stage2", str(stage1_dir), str(tmp_path / "cli"), "--synthetic", "1", "--samples", "zoomed"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2 and "use target='gt'" in result.output and not (tmp_path / "cli").exists()
+    labelled = [dataclasses.replace(item, answer="AY BN") for item in items[:1]]
+    config = Stage2Config(roi_thresh=0.0, max_new_tokens=3, max_steps=1, first_layer=9, **RUNTIME)
+    with pytest.raises(TrainingError, match="first_layer=9 leaves no decoder layer"):
+        train_stage2(stage1_dir, labelled, tmp_path / "out", config, judge=verdict_judge)
 
 
 def test_stage2_teacher_forcing_uses_the_inference_sequence(stage1_dir, items):

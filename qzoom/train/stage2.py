@@ -1,4 +1,4 @@
-"""Stage 2: targeted post-SFT on regression samples (spec §6). Trains every decoder layer and ``lm_head``.
+"""Stage 2: targeted post-SFT on regression samples (spec §6). Trains the decoder layers and ``lm_head``.
 
 Contract of :func:`train_stage2`:
 
@@ -15,11 +15,17 @@ Contract of :func:`train_stage2`:
    positions as inference) and followed by the target answer and ``<|im_end|>``; the target is the coarse answer
    A by default (the base response, spec §6) or the reference answer (``target="gt"``). Next-token cross-entropy on
    the target tokens only, through all decoder layers recomputed from the embeddings (KV reuse at inference is
-   exact, spec §11.1, so this is the sequence inference runs). Trained: ``language_model.layers`` and ``lm_head``;
-   frozen: embeddings, final norm, vision tower, twig and gate branches. With tied embeddings (Qwen2.5-VL-3B) the
-   shared matrix is trained, as in the reference.
+   exact, spec §11.1, so this is the sequence inference runs). Trained: ``language_model.layers`` (from
+   ``first_layer`` on) and ``lm_head``; frozen: embeddings, final norm, vision tower, twig and gate branches. With
+   tied embeddings (Qwen2.5-VL-3B) the shared matrix is trained, as in the reference.
 3. No regression at all is a legitimate outcome: the output is then the input model, unchanged, and the run's
    summary says so.
+
+Two options beyond the paper, whose defaults are the paper's (:class:`Stage2Config`): ``samples="zoomed"`` trains on
+every mined sample the SD-RPN zoomed on, with the reference answer as the target (SFT on the sequences inference
+builds from the model's own boxes, for a model whose zoomed answers are often wrong, not only regressions); and
+``first_layer=K`` freezes the decoder layers below K, so that with K at ``twig_K`` and ``high_res_K`` or above, the
+hidden states the SD-RPN and the gate read are the ones Stage 1 and Stage 3 trained on, bit for bit.
 """
 
 from __future__ import annotations
@@ -30,7 +36,7 @@ from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field
+from pydantic import Field, model_validator
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -62,6 +68,27 @@ class Stage2Config(TrainConfig):
     target: Literal["answer", "gt"] = Field("answer", description="SFT target: the coarse answer A or the reference")
     roi_thresh: float | None = Field(None, ge=0, le=1, description="τ_roi while mining (default: the checkpoint's)")
     gradient_checkpointing: bool = Field(False, description="recompute each decoder layer in backward (less memory)")
+    # Two extensions beyond the paper; their defaults are the paper's.
+    samples: Literal["regressions", "zoomed"] = Field(
+        "regressions",
+        description="train on the regressions (the paper) or on every mined sample the SD-RPN zoomed on "
+        "(needs target='gt': the answer through the model's own boxes is taught, right or wrong)",
+    )
+    first_layer: int = Field(
+        0,
+        ge=0,
+        description="decoder layers below this index stay frozen; at twig_K / high_res_K or above, the SD-RPN's and "
+        "the gate's inputs (layer K's hidden states) are left exactly as Stage 1 and 3 saw them",
+    )
+
+    @model_validator(mode="after")
+    def _zoomed_needs_gt(self) -> Stage2Config:
+        if self.samples == "zoomed" and self.target != "gt":
+            raise ValueError(
+                "samples='zoomed' trains on samples whose coarse answer may be wrong: use target='gt' "
+                "(the reference answer), or samples='regressions' with target='answer'"
+            )
+        return self
 
 
 def synthetic_judge(question: str, ground_truth: str, answer_a: str, answer_b: str) -> tuple[bool, bool]:
@@ -249,6 +276,12 @@ def train_stage2(
     if not model.qzoom.enable_twig:
         raise TrainingError(f"{model_dir} has no SD-RPN (enable_twig is false): Stage 2 needs a Stage-1 checkpoint")
     engine = make_engine(model, processor)
+    layers = engine.lm.layers  # checked before mining, which is the long part
+    if config.first_layer >= len(layers):
+        raise TrainingError(
+            f"first_layer={config.first_layer} leaves no decoder layer to train: the model has {len(layers)} "
+            f"(use 0 .. {len(layers) - 1})"
+        )
 
     records = mine(
         run,
@@ -262,6 +295,7 @@ def train_stage2(
         progress=config.progress,
     )
     regressions = [r for r in records if r["regression"]]
+    chosen_records = regressions if config.samples == "regressions" else [r for r in records if r["grid_boxes"]]
     counts = {
         "items": len(records),
         "regressions": len(regressions),
@@ -270,12 +304,13 @@ def train_stage2(
         "no_box": sum(not r["grid_boxes"] for r in records),
         "judge_errors": sum("judge_error" in r for r in records),
     }
-    if not regressions:
-        return run.finish(model, processor, {**counts, "steps": 0, "note": "no regression sample: model unchanged"})
+    if not chosen_records:
+        note = "no regression sample" if config.samples == "regressions" else "no sample with a box"
+        return run.finish(model, processor, {**counts, "steps": 0, "note": f"{note}: model unchanged"})
 
-    unfreeze([engine.lm.layers, model.lm_head])
+    unfreeze([*layers[config.first_layer :], model.lm_head])
     params = named_trainable(model)
-    by_index = {int(r["index"]): r for r in regressions}
+    by_index = {int(r["index"]): r for r in chosen_records}
 
     def loss(batch: list[int]) -> torch.Tensor:
         chosen = [by_index[i] for i in batch]
@@ -284,5 +319,14 @@ def train_stage2(
         return stage2_loss(engine, states, [target_ids(engine, t) for t in texts], config)
 
     result = fit(run, params, sorted(by_index), loss, config, desc="stage 2 (post-SFT)")
-    summary = {**counts, "steps": result.steps, "last_loss": result.last_loss, "lr": config.lr, "target": config.target}
+    summary = {
+        **counts,
+        "samples": config.samples,
+        "trained_on": len(chosen_records),
+        "first_layer": config.first_layer,
+        "steps": result.steps,
+        "last_loss": result.last_loss,
+        "lr": config.lr,
+        "target": config.target,
+    }
     return run.finish(model, processor, summary)
