@@ -139,11 +139,12 @@ class BaseRecipe:
     coarse_detail_frac: float = 0.25  # of the coarse views, detail questions (see `_draw_batch`)
     # Phase 0: the vision tower alone on the reading loss, large batches of `reading_drill` images (no decoder: about
     # 280 a second on 2 cores); if the tower is not frozen afterwards, the loss rides along on crops at `read_weight`.
-    # The frozen tower is what bounds reading: a linear probe of the shipped tower's tokens named a code glyph on 74%
-    # of held-out crops after 1500 steps and on 83% after 3000 (letters 83% -> 92%, patterns 62% -> 88%), and the
-    # whole recipe with 3000 read 52.6% of the card's detail questions through the true box, against 35.8%
-    # (docs/demo_model.md). A phase-0 step costs about a tenth of a later one.
-    read_steps: int = 3000
+    # The frozen tower is what bounds reading: a linear probe of the tower's tokens named a code glyph on 74% of
+    # held-out crops after 1500 steps, 83% after 3000 and 89-91% after 6000 (patterns 62% -> 88% -> 100%), and the whole
+    # recipe read 35.8%, 52.6% and 61.4% of the card's detail questions through the true box, Q-Zoom 22.8%, 32.6%
+    # (40.9% with the later boxes) and 54.9% (docs/demo_model.md). A phase-0 step costs about a tenth of a later one;
+    # 6000 of them are about 14 minutes of the recipe on a slow 2-core machine.
+    read_steps: int = 6000
     read_lr: float = 2e-3
     read_batch_size: int = 64
     read_side_max: int = 84  # phase-0 images are 56 or 84 px (see `reading_drill`)
