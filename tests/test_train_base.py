@@ -12,6 +12,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from qzoom import roi
 from qzoom.cli import app
 from qzoom.engine import QZoomEngine
 from qzoom.evals.demo import (
@@ -92,6 +93,8 @@ MICRO = BaseRecipe(
     referent_steps=2,
     referent_batch_size=2,
     pointer_heads=((3, 1),),
+    fused_decoy_frac=0.5,  # every kind of example the recipe can draw is drawn in the micro run
+    drill_position_frac=0.5,
 )
 
 
@@ -137,6 +140,58 @@ def test_fused_example_is_the_sequence_a_zoom_step_builds():
     answer_ids = example.input_ids[n:].tolist()
     assert processor.tokenizer.decode(answer_ids) == item.answer + "<|im_end|>"
     assert (example.labels[:n] == -100).all() and example.labels[n:].tolist() == answer_ids
+
+
+def test_fused_examples_with_a_decoy_splice_both_crops_and_aim_at_the_target():
+    # The SD-RPN's two heaviest blobs are often the named plate and a look-alike: the example is the sequence a zoom
+    # step on both boxes builds (either order), and grounding and pointers rest on the target's crop only.
+    model, processor = build_demo_model(MICRO)
+    engine = QZoomEngine(model, processor)
+    item = generate_item("train", 5, families=("code",))
+    builder = ExampleBuilder(engine, MICRO.min_pixels, MICRO.max_pixels)
+    p = pool_item(item, MICRO.min_pixels, MICRO.max_pixels, reach=MICRO.crop_max)
+    assert p.decoy is not None
+    decoy_box = p.decoy[1]
+    target_box = _grid_box_around(item.box, p.grid_hw, item.canvas, None)
+    target_plate = item.scene.plates[item.scene.target]
+    (decoy_plate,) = [
+        pl
+        for pl in item.scene.plates
+        if pl is not target_plate and roi.covering_grid_box(pl.box, p.grid_hw, item.canvas) == decoy_box
+    ]
+    assert decoy_plate.kind == target_plate.kind  # a look-alike
+    assert (
+        decoy_box.x1 <= target_box.x0
+        or target_box.x1 <= decoy_box.x0
+        or decoy_box.y1 <= target_box.y0
+        or (target_box.y1 <= decoy_box.y0)
+    )  # clear of the target's cells, so its crop never shows the target
+    for decoy_first in (True, False):
+        example = builder.fused(p, None, "ACE", decoy_first=decoy_first)
+        boxes = [decoy_box, target_box] if decoy_first else [target_box, decoy_box]
+        st = engine.new_state(
+            item.image, item.question, AskOptions(min_pixels=MICRO.min_pixels, max_pixels=MICRO.max_pixels)
+        )
+        engine.prepare([st])
+        engine.encode([st])
+        engine.prefill([st])
+        engine.zoom([st], [engine.proposal_from_grid_boxes(st, boxes)])
+        n = st.input_ids.shape[0]
+        assert torch.equal(example.input_ids[:n], st.input_ids)
+        assert torch.allclose(example.positions[:, :n], st.positions)
+        assert len(example.grids) == len(example.image_keys) == 3
+        aimed, other = (st.blocks[2], st.blocks[1]) if decoy_first else (st.blocks[1], st.blocks[2])
+        assert example.target is not None
+        crop_tokens = example.target[example.target >= st.blocks[0].end]
+        assert crop_tokens.tolist() == list(range(aimed.start, aimed.end))
+        for _, tokens in example.pointer or []:
+            assert ((tokens >= aimed.start) & (tokens < aimed.end)).all()
+        assert not ((example.target >= other.start) & (example.target < other.end)).any()
+    # `make` adds the decoy to the share of fused examples it is told, and none at 0.
+    rng = random.Random(1)
+    assert all(len(builder.make(p, "fused", rng, (112, 448)).grids) == 2 for _ in range(5))
+    builder.decoy_frac = 1.0
+    assert all(len(builder.make(p, "fused", rng, (112, 448)).grids) == 3 for _ in range(5))
 
 
 def test_collate_pads_right_and_keeps_image_order():
@@ -481,6 +536,37 @@ def test_answer_drills_ask_about_one_of_one_or_two_plates_drawn_as_in_a_scene():
     assert 10 <= pairs <= 30  # about half the drills show two plates
     a, b = answer_drill(random.Random(5), 0.5), answer_drill(random.Random(5), 0.5)
     assert a[0].tobytes() == b[0].tobytes() and a[1:] == b[1:]
+
+
+def test_quadrant_drills_name_the_code_plate_by_the_quadrant_it_lies_in():
+    rng = random.Random(3)
+    seen = 0
+    for _ in range(80):
+        image, question, answer, family, box = answer_drill(rng, pair_frac=1.0, position_frac=1.0)
+        if family != "code_at":
+            assert family != "code"  # every pair of codes is a quadrant pair at position_frac 1
+            continue
+        seen += 1
+        assert image.width % 28 == 0 and image.height % 28 == 0
+        position = next(name for name in POSITIONS if f"the {name} frame" in question)
+        assert question == TEMPLATES["code_at"].format(position=position)
+        quadrant = POSITIONS.index(position)
+        half_w, half_h = image.width // 2, image.height // 2
+        col, row = quadrant % 2, quadrant // 2
+        # The named plate lies wholly inside its quadrant; the other plate's border colour lies outside it.
+        assert col * half_w <= box[0] and box[2] <= (col + 1) * half_w
+        assert row * half_h <= box[1] and box[3] <= (row + 1) * half_h
+        own = image.getpixel((box[0], box[1]))
+        pixels = np.asarray(image)
+        other = [c for c in COLOURS.values() if c != own and np.all(pixels == np.array(c, np.uint8), -1).any()]
+        assert len(other) == 1
+        ys, xs = np.nonzero(np.all(pixels == np.array(other[0], np.uint8), -1))
+        other_quadrant = 2 * int(ys.mean() >= half_h) + int(xs.mean() >= half_w)
+        assert other_quadrant != quadrant
+        assert answer in ANSWER_VOCAB["code_at"]
+    assert seen >= 10
+    # By default (and at 0) the pairs of codes are named by colour.
+    assert all(answer_drill(rng, 1.0)[3] != "code_at" for _ in range(40))
 
 
 def test_answer_drills_draw_the_answer_on_the_named_plate():

@@ -137,6 +137,11 @@ class BaseRecipe:
     mix_crop: float = 0.25
     mix_fused: float = 0.5  # the rest: coarse views
     coarse_detail_frac: float = 0.25  # of the coarse views, detail questions (see `_draw_batch`)
+    # Of the fused sequences of detail questions, this share has two crops: the target's and a look-alike's, in either
+    # order (`ExampleBuilder.fused`). Why: the shipped boxes are the SD-RPN's two heaviest blobs, and on r12 (val,
+    # forced zoom) a second crop beside the target's took the codes read from 38% to 20% (`code`) and from 29% to 4%
+    # (`code_at`): the model had only ever seen one crop after the coarse view (docs/demo_model.md). 0: none (r12).
+    fused_decoy_frac: float = 0.0
     # Phase 0: the vision tower alone on the reading loss, large batches of `reading_drill` images (no decoder: about
     # 280 a second on 2 cores); if the tower is not frozen afterwards, the loss rides along on crops at `read_weight`.
     # The frozen tower is what bounds reading: a linear probe of the tower's tokens named a code glyph on 74% of
@@ -167,6 +172,11 @@ class BaseRecipe:
     drill_steps: int = 600
     drill_batch_size: int = 48
     drill_pair_frac: float = 0.5  # two plates: the question's colour word picks the one to read
+    # Of the pair drills of codes, this share puts the two plates in different quadrants of the drill and names the
+    # one to read by its quadrant (the `code_at` question). Why: r12's SD-RPN held a `code_at` target in its heaviest
+    # box on 30 of 69 val questions against 63 of 69 for colour-named codes: the quadrant word was bound far less, and
+    # the drills had only ever named plates by colour (docs/demo_model.md). 0: none (r12).
+    drill_position_frac: float = 0.0
     # Grounding: the answer->image attention of `ground_heads` ((layer, head) pairs) is taught to rest on the plate
     # the question names (`_grounding_loss`, weight `ground_weight`), in every view where the target is in sight:
     # drills, crops, scenes, coarse views of detail questions (where it cannot be read, only found by its colour or
@@ -304,7 +314,9 @@ class PoolItem:
 
     ``item.image`` is the neighbourhood, whose top-left pixel sits at ``origin`` on the canvas; ``item.canvas``,
     ``item.box`` and ``item.scene`` keep canvas coordinates. Coarse items carry ``zoom``: the crop of their ground-truth
-    region at the view budget, and its grid box (what a zoom on them would show).
+    region at the view budget, and its grid box (what a zoom on them would show). Detail items with another plate
+    carry ``decoy``: the native crop of that plate's coarse cells, and its grid box (what a zoom on a look-alike
+    shows: the second box of an SD-RPN that lit both, see :meth:`ExampleBuilder.fused`).
     """
 
     item: SyntheticItem
@@ -312,6 +324,7 @@ class PoolItem:
     coarse: Image.Image  # the whole canvas at the budget, resized exactly as the processor would
     grid_hw: tuple[int, int]
     zoom: tuple[Image.Image, roi.GridBox] | None = None
+    decoy: tuple[Image.Image, roi.GridBox] | None = None
     # The processor's output for ``coarse`` and the zoom crop, made on first use: an item is drawn many times.
     pixels: dict[str, tuple[torch.Tensor, torch.Tensor]] = dataclasses.field(default_factory=dict)
 
@@ -334,13 +347,36 @@ def pool_item(item: SyntheticItem, min_pixels: int, max_pixels: int, reach: int)
         x0, y0, x1, y1 = item.box
         region = (max(0, x0 - pad), max(0, y0 - pad), min(width, x1 + pad), min(height, y1 + pad))
         kept = dataclasses.replace(item, image=item.image.crop(region))
-        return PoolItem(kept, (region[0], region[1]), coarse, grid_hw)
+        decoy = _decoy_crop(item, grid_hw, min_pixels, max_pixels)
+        return PoolItem(kept, (region[0], region[1]), coarse, grid_hw, decoy=decoy)
     grid_box = _grid_box_around(item.box, grid_hw, item.canvas, None)
     pb = roi.grid_box_to_pixels(grid_box, grid_hw, item.canvas, min_side=MIN_BOX_SIDE)
     crop = item.image.crop((pb.x0, pb.y0, pb.x1, pb.y1))
     zoom = crop.resize(_budget_size(crop.size, min_pixels, max_pixels), Image.Resampling.BICUBIC)
     kept = dataclasses.replace(item, image=Image.new("RGB", (1, 1)))
     return PoolItem(kept, (0, 0), coarse, grid_hw, (zoom, grid_box))
+
+
+def _decoy_crop(
+    item: SyntheticItem, grid_hw: tuple[int, int], min_pixels: int, max_pixels: int
+) -> tuple[Image.Image, roi.GridBox] | None:
+    """The crop of the coarse cells covering a plate other than the target (one of the target's kind if there is one:
+    a look-alike), at the view budget, and its grid box; None when no other plate's cells stay clear of the
+    target's."""
+    scene = item.scene
+    if scene.target is None:
+        return None
+    target = scene.plates[scene.target]
+    aim = roi.covering_grid_box(item.box, grid_hw, item.canvas)
+    others = [plate for i, plate in enumerate(scene.plates) if i != scene.target]
+    for plate in sorted(others, key=lambda plate: plate.kind != target.kind):  # look-alikes first
+        grid_box = roi.covering_grid_box(plate.box, grid_hw, item.canvas)
+        clear = grid_box.x1 <= aim.x0 or aim.x1 <= grid_box.x0 or grid_box.y1 <= aim.y0 or aim.y1 <= grid_box.y0
+        if clear:
+            pb = roi.grid_box_to_pixels(grid_box, grid_hw, item.canvas, min_side=MIN_BOX_SIDE)
+            crop = item.image.crop((pb.x0, pb.y0, pb.x1, pb.y1))
+            return crop.resize(_budget_size(crop.size, min_pixels, max_pixels), Image.Resampling.BICUBIC), grid_box
+    return None
 
 
 def _grid_box_around(
@@ -525,10 +561,11 @@ _DETAIL_MARGIN = 8
 class ExampleBuilder:
     """Builds teacher-forced examples with the engine's own prompt, splice and positions."""
 
-    def __init__(self, engine: QZoomEngine, min_pixels: int, max_pixels: int) -> None:
+    def __init__(self, engine: QZoomEngine, min_pixels: int, max_pixels: int, decoy_frac: float = 0.0) -> None:
         self.engine = engine
         self.min_pixels = min_pixels
         self.max_pixels = max_pixels
+        self.decoy_frac = decoy_frac  # share of :meth:`make`'s fused examples with a decoy crop (where there is one)
         self.options = AskOptions(min_pixels=min_pixels, max_pixels=max_pixels)
         tok = engine.processor.tokenizer
         self.tokenizer = tok
@@ -594,12 +631,16 @@ class ExampleBuilder:
         self._point(example, start, reading, answer)
         return example
 
-    def pooled_view(self, p: PoolItem, which: Literal["coarse", "zoom"]) -> tuple[torch.Tensor, torch.Tensor, str]:
-        """Pixels, grid and feature key of a pooled item's coarse view or fixed zoom crop (processed once per item)."""
+    def pooled_view(
+        self, p: PoolItem, which: Literal["coarse", "zoom", "decoy"]
+    ) -> tuple[torch.Tensor, torch.Tensor, str]:
+        """Pixels, grid and feature key of a pooled item's coarse view, fixed zoom crop or decoy crop (processed once
+        per item)."""
         if which not in p.pixels:
-            image = p.coarse if which == "coarse" else p.zoom[0] if p.zoom is not None else None
-            if image is None:
-                raise ValueError(f"item {p.item.uid} has no fixed zoom crop (a detail item's crops are drawn afresh)")
+            fixed = {"coarse": (p.coarse, None), "zoom": p.zoom, "decoy": p.decoy}[which]
+            if fixed is None:
+                raise ValueError(f"item {p.item.uid} has no {which} crop (a detail item's crops are drawn afresh)")
+            image = fixed[0]
             p.pixels[which] = self.engine._preprocess(image, self.min_pixels, self.max_pixels)
         pixels, grid = p.pixels[which]
         return pixels, grid, f"{p.item.uid}:{which}"
@@ -668,27 +709,43 @@ class ExampleBuilder:
         grid_hw = (int(crop_grid[1]) // self.merge, int(crop_grid[2]) // self.merge)
         return reading_targets(crop, plate_box, plate.border, p.item.family, answer, grid_hw, None)
 
-    def fused(self, p: PoolItem, rng: random.Random | None, answer: str | None = None) -> Example:
-        """The coarse view with a native crop spliced after it, exactly as a zoom step does (``engine.splice``)."""
+    def fused(
+        self, p: PoolItem, rng: random.Random | None, answer: str | None = None, decoy_first: bool | None = None
+    ) -> Example:
+        """The coarse view with a native crop spliced after it, exactly as a zoom step does (``engine.splice``).
+
+        With ``decoy_first`` set (True or False) and ``p.decoy``, the zoom step proposed two boxes: the target's and a
+        look-alike's (the decoy first or second), as the demo model's SD-RPN does when its map lights both; the
+        grounding and pointer targets stay on the target's crop, so the decoder learns to read the crop that the
+        question names and to pass over the other."""
         item = p.item
         st = self._state(p.coarse, item.question)
         block = st.blocks[0]
         crop, grid_box, pixel_box, crop_pixels, crop_grid, crop_key = self.zoom_view(p, rng, answer)
-        n_crop = int(crop_grid.prod()) // self.merge**2
+        views = [(grid_box, pixel_box, crop_pixels, crop_grid, crop_key)]
+        if decoy_first is not None and p.decoy is not None:
+            decoy_pixels, decoy_grid, decoy_key = self.pooled_view(p, "decoy")
+            decoy_box = roi.grid_box_to_pixels(p.decoy[1], p.grid_hw, item.canvas, min_side=MIN_BOX_SIDE)
+            views.insert(0 if decoy_first else 1, (p.decoy[1], decoy_box, decoy_pixels, decoy_grid, decoy_key))
+        aim = next(i for i, view in enumerate(views) if view[0] is grid_box)  # the target's block, after the coarse
         empty = torch.empty(0)
         self.engine.splice(
-            st, Proposal(block, empty, empty, [grid_box], [pixel_box]), [(torch.zeros(n_crop, self.hidden), crop_grid)]
+            st,
+            Proposal(block, empty, empty, [v[0] for v in views], [v[1] for v in views]),
+            [(torch.zeros(int(v[3].prod()) // self.merge**2, self.hidden), v[3]) for v in views],
         )
         coarse_pixels, coarse_grid, coarse_key = self.pooled_view(p, "coarse")
         shown = answer or item.answer
-        example = self._finish(st, shown, [coarse_pixels, crop_pixels], [coarse_grid, crop_grid], item.family, "fused")
-        example.image_keys = [coarse_key, crop_key]
+        pixels = [coarse_pixels, *(v[2] for v in views)]
+        example = self._finish(st, shown, pixels, [coarse_grid, *(v[3] for v in views)], item.family, "fused")
+        example.image_keys = [coarse_key, *(v[4] for v in views)]
         if item.needs_detail:  # the target's coarse cells, and the whole crop (a zoom on it)
+            zoomed = st.blocks[1 + aim]
             coarse_cells = target_tokens(block, item.canvas, item.box)
-            example.target = torch.cat([coarse_cells, torch.arange(st.blocks[1].start, st.blocks[1].end)])
+            example.target = torch.cat([coarse_cells, torch.arange(zoomed.start, zoomed.end)])
             reading = self.zoom_reading(p, crop, pixel_box, crop_grid, shown)
             if reading is not None:
-                self._point(example, st.blocks[1].start, reading, shown)
+                self._point(example, zoomed.start, reading, shown)
         return example
 
     def crop(
@@ -747,7 +804,9 @@ class ExampleBuilder:
         downscaled (at most to the largest crop of ``crop_range``, the reach of a pooled item)."""
         answer = _fresh_answer(p.item, rng)
         if view == "fused":
-            return self.fused(p, rng, answer)
+            # `decoy_frac > 0` first: at 0 the draws are the ones made before decoys existed (r12's stream).
+            decoy = self.decoy_frac > 0 and p.decoy is not None and rng.random() < self.decoy_frac
+            return self.fused(p, rng, answer, decoy_first=rng.random() < 0.5 if decoy else None)
         if view == "coarse":
             return self.coarse(p)
         side = rng.randint(*crop_range)
@@ -1081,7 +1140,7 @@ def train_base(
     model, processor = build_demo_model(recipe)
     engine = QZoomEngine(model, processor, name="qzoom-tiny-base")
     model.train()
-    builder = ExampleBuilder(engine, recipe.min_pixels, recipe.max_pixels)
+    builder = ExampleBuilder(engine, recipe.min_pixels, recipe.max_pixels, recipe.fused_decoy_frac)
     detail = tuple(f for f in recipe.families if f in DETAIL_FAMILIES)
     coarse = tuple(f for f in recipe.families if f in COARSE_FAMILIES) or detail
     # Disjoint index ranges of the train split per pool, so the two pools never draw the same item.
@@ -1177,7 +1236,8 @@ def train_base(
             examples = [
                 builder.drill(image, question, answer, family, box)
                 for image, question, answer, family, box in (
-                    answer_drill(rng, recipe.drill_pair_frac) for _ in range(recipe.drill_batch_size)
+                    answer_drill(rng, recipe.drill_pair_frac, recipe.drill_position_frac)
+                    for _ in range(recipe.drill_batch_size)
                 )
             ]
         elif phase == "ground":
@@ -1500,14 +1560,18 @@ def reading_drill(rng: random.Random, side: int, zoom: float = 1.0) -> tuple[Ima
     return image, targets
 
 
-def answer_drill(rng: random.Random, pair_frac: float) -> tuple[Image.Image, str, str, str, tuple[int, int, int, int]]:
+def answer_drill(
+    rng: random.Random, pair_frac: float, position_frac: float = 0.0
+) -> tuple[Image.Image, str, str, str, tuple[int, int, int, int]]:
     """A small image (a multiple of 28 px a side) of one plate, or with probability ``pair_frac`` two plates of
     different colours showing different details of one kind, side by side or stacked, drawn as in a scene at
     native scale on a flat grey ground with a margin of 2-28 px; the question its family asks about the first plate
-    (by colour), the answer, the family, and that plate's box.
+    (by colour), the answer, the family, and that plate's box. A pair of codes is, with probability
+    ``position_frac``, two plates in different quadrants of the image instead, the first named by its quadrant
+    (the ``code_at`` question).
 
     Why: the decoder learns to map the tower's glyph tokens to answer characters, in a code's order, and to pick a
-    plate by its colour, on sequences of 8-30 image tokens, several times cheaper than a benchmark crop.
+    plate by its colour or quadrant, on sequences of 8-50 image tokens, several times cheaper than a benchmark crop.
     """
     kind = rng.choice(_DRILL_KINDS)
     n = 2 if rng.random() < pair_frac else 1
@@ -1523,6 +1587,9 @@ def answer_drill(rng: random.Random, pair_frac: float) -> tuple[Image.Image, str
         )
         for value, colour in zip(values, colours, strict=True)
     ]
+    # `position_frac > 0` first: at 0 the draws are the ones made before quadrant pairs existed (r12's stream).
+    if position_frac > 0 and n == 2 and kind == "code" and rng.random() < position_frac:
+        return _quadrant_drill(rng, plates, values[0])
     order = list(range(n))
     rng.shuffle(order)  # the asked-about plate comes first or second
     gap = rng.randint(4, 28)
@@ -1546,6 +1613,27 @@ def answer_drill(rng: random.Random, pair_frac: float) -> tuple[Image.Image, str
         else:
             y += plates[i].height + gap
     return image, TEMPLATES[kind].format(colour=colours[0]), values[0], kind, box
+
+
+def _quadrant_drill(
+    rng: random.Random, plates: Sequence[Image.Image], answer: str
+) -> tuple[Image.Image, str, str, str, tuple[int, int, int, int]]:
+    """:func:`answer_drill`'s quadrant pair: the image split in four equal cells (each a multiple of 28 px, large
+    enough for either plate), the two plates at random places inside two different cells, the question naming the
+    first plate's quadrant as the benchmark's ``code_at`` does (quadrant q = 2 * row + column)."""
+    cell_w = PATCH_PX * math.ceil((max(p.width for p in plates) + rng.randint(4, 28)) / PATCH_PX)
+    cell_h = PATCH_PX * math.ceil((max(p.height for p in plates) + rng.randint(4, 28)) / PATCH_PX)
+    grey = rng.randint(120, 200)
+    image = Image.new("RGB", (2 * cell_w, 2 * cell_h), (grey, grey, grey))
+    quadrants = rng.sample(range(4), 2)
+    box = (0, 0, 0, 0)
+    for i, (plate, q) in enumerate(zip(plates, quadrants, strict=True)):
+        x = (q % 2) * cell_w + rng.randint(0, cell_w - plate.width)
+        y = (q // 2) * cell_h + rng.randint(0, cell_h - plate.height)
+        image.paste(plate, (x, y))
+        if i == 0:
+            box = (x, y, x + plate.width, y + plate.height)
+    return image, TEMPLATES["code_at"].format(position=POSITIONS[quadrants[0]]), answer, "code_at", box
 
 
 def referent_drill(rng: random.Random) -> tuple[Image.Image, str, str, str]:
