@@ -182,10 +182,16 @@ def vision_attention_by_length(
             by_length.setdefault(length, []).append(start)
     outputs: list[torch.Tensor] = []
     rows: list[torch.Tensor] = []
+    device = hidden_states.device
     for length, group in by_length.items():
-        device = hidden_states.device
-        index = torch.tensor(group, device=device)[:, None] + torch.arange(length, device=device)  # (m, L)
-        q, k, v = (t[index].transpose(1, 2) for t in (query, key, value))  # (m, H, L, D)
+        m, first = len(group), group[0]
+        if group[-1] - first == (m - 1) * length:  # back to back (a view of every window of a single-length batch)
+            index = torch.arange(first, first + m * length, device=device).view(m, length)  # (m, L)
+            q, k, v = (t[first : first + m * length].view(m, length, *t.shape[1:]) for t in (query, key, value))
+        else:
+            index = torch.tensor(group, device=device)[:, None] + torch.arange(length, device=device)  # (m, L)
+            q, k, v = (t[index] for t in (query, key, value))  # (m, L, H, D)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (m, H, L, D)
         out = nn.functional.scaled_dot_product_attention(q, k, v, scale=attn.scaling)  # (m, H, L, D)
         outputs.append(out.transpose(1, 2).reshape(-1, out.shape[1] * out.shape[3]))  # (m*L, H*D)
         rows.append(index.reshape(-1))
