@@ -30,7 +30,6 @@ from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import (
     Qwen2_5_VLDecoderLayer,
     Qwen2_5_VLTextModel,
     apply_rotary_pos_emb,
-    apply_rotary_pos_emb_vision,
     repeat_kv,
 )
 
@@ -149,65 +148,12 @@ def patch_embed_as_linear(self: nn.Module, hidden_states: torch.Tensor) -> torch
     return nn.functional.linear(hidden_states.reshape(-1, weight.shape[1]).to(weight.dtype), weight, proj.bias)
 
 
-def vision_attention_by_length(
-    self: nn.Module,
-    hidden_states: torch.Tensor,
-    cu_seqlens: torch.Tensor,
-    position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
-    max_seqlen: int | None = None,
-    **kwargs: Any,
-) -> torch.Tensor:
-    """The stock `Qwen2_5_VLVisionAttention.forward` with one SDPA call per distinct window length, not per window.
-
-    The vision tower attends within windows (and, in its full-attention blocks, within images), packed back to back
-    and delimited by ``cu_seqlens``. Without flash-attention the stock forward splits the packed sequence and calls
-    SDPA once per window: a batch of 64 small images is 64 calls per block, each too small to keep 2 cores busy.
-    Windows of equal length (nearly all of them: every full window, every image of a batch of one size) are
-    attention problems of one shape, so they stack into one batched call. Same weights, same result up to float
-    rounding. Flash-attention and eager keep the stock forward (flash already takes the packed sequence whole).
-    """
-    attn: Any = self
-    if attn.config._attn_implementation != "sdpa" or position_embeddings is None:
-        return type(self).forward(self, hidden_states, cu_seqlens, position_embeddings, max_seqlen, **kwargs)  # type: ignore[no-any-return]
-    n = hidden_states.shape[0]
-    qkv = attn.qkv(hidden_states).reshape(n, 3, attn.num_heads, -1).permute(1, 0, 2, 3)  # (3, n, H, D)
-    cos, sin = position_embeddings
-    query, key = apply_rotary_pos_emb_vision(qkv[0], qkv[1], cos, sin)  # (n, H, D) each
-    value = qkv[2]
-    starts = cu_seqlens[:-1].tolist()
-    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
-    by_length: dict[int, list[int]] = {}
-    for start, length in zip(starts, lengths, strict=True):
-        if length:
-            by_length.setdefault(length, []).append(start)
-    outputs: list[torch.Tensor] = []
-    rows: list[torch.Tensor] = []
-    device = hidden_states.device
-    for length, group in by_length.items():
-        m, first = len(group), group[0]
-        if group[-1] - first == (m - 1) * length:  # back to back (a view of every window of a single-length batch)
-            index = torch.arange(first, first + m * length, device=device).view(m, length)  # (m, L)
-            q, k, v = (t[first : first + m * length].view(m, length, *t.shape[1:]) for t in (query, key, value))
-        else:
-            index = torch.tensor(group, device=device)[:, None] + torch.arange(length, device=device)  # (m, L)
-            q, k, v = (t[index] for t in (query, key, value))  # (m, L, H, D)
-        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (m, H, L, D)
-        out = nn.functional.scaled_dot_product_attention(q, k, v, scale=attn.scaling)  # (m, H, L, D)
-        outputs.append(out.transpose(1, 2).reshape(-1, out.shape[1] * out.shape[3]))  # (m*L, H*D)
-        rows.append(index.reshape(-1))
-    packed = torch.cat(outputs)
-    if len(by_length) > 1:  # one length: the windows were taken in order, so the rows already are
-        packed = packed[torch.argsort(torch.cat(rows))]  # back to the packed sequence's order
-    return attn.proj(packed)  # type: ignore[no-any-return]
-
-
 class QZoomQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
     """Stock Qwen2.5-VL with the Q-Zoom branches attached according to its config's Q-Zoom fields.
 
     Everything a stock model does (forward, `generate`, `save_pretrained`, `from_pretrained`) works unchanged; the
-    Q-Zoom inference path is `qzoom.engine.QZoomEngine`. Two speed-only changes in the vision tower: the patch
-    embedding runs as a matrix product (`patch_embed_as_linear`) instead of the equivalent Conv3d, and the windowed
-    attention batches windows of equal length (`vision_attention_by_length`) instead of one SDPA call per window.
+    Q-Zoom inference path is `qzoom.engine.QZoomEngine`. One speed-only change: the vision tower's patch embedding
+    runs as a matrix product (`patch_embed_as_linear`) instead of the equivalent Conv3d.
     """
 
     def __init__(self, config: Qwen2_5_VLConfig) -> None:
@@ -218,8 +164,6 @@ class QZoomQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGeneration
             module.apply(self._init_weights)
         patch_embed = self.model.visual.patch_embed
         patch_embed.forward = types.MethodType(patch_embed_as_linear, patch_embed)
-        for block in self.model.visual.blocks:
-            block.attn.forward = types.MethodType(vision_attention_by_length, block.attn)
 
     def qzoom_modules(self) -> list[nn.Module]:
         lm = self.model.language_model
