@@ -398,7 +398,8 @@ def _make_large(
     )
 
 
-def _overlaps(a: Box, b: Box, gap: int) -> bool:
+def boxes_overlap(a: Sequence[int], b: Sequence[int], gap: int = 0) -> bool:
+    """Whether boxes ``a`` and ``b`` (x0, y0, x1, y1; x1/y1 exclusive) overlap or come closer than ``gap``."""
     return a[0] < b[2] + gap and b[0] < a[2] + gap and a[1] < b[3] + gap and b[1] < a[3] + gap
 
 
@@ -421,7 +422,7 @@ def _make_clutter(rng: random.Random, canvas: tuple[int, int], taken: list[Box])
         for _attempt in range(20):
             x, y = rng.randint(gap, width - w - gap), rng.randint(gap, height - h - gap)
             box = (x, y, x + w, y + h)
-            if not any(_overlaps(box, other, gap) for other in taken):
+            if not any(boxes_overlap(box, other, gap) for other in taken):
                 taken.append(box)
                 out.append(Clutter(kind=kind, value=value, box=box, size=size, grey=rng.randint(40, 95)))
                 break

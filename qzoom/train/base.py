@@ -78,6 +78,7 @@ from qzoom.evals.synthetic import (
     TEMPLATES,
     PlateKind,
     SyntheticItem,
+    boxes_overlap,
     crop_box_around,
     crop_with_answer,
     detail_size,
@@ -350,11 +351,19 @@ def pool_item(item: SyntheticItem, min_pixels: int, max_pixels: int, reach: int)
         decoy = _decoy_crop(item, grid_hw, min_pixels, max_pixels)
         return PoolItem(kept, (region[0], region[1]), coarse, grid_hw, decoy=decoy)
     grid_box = _grid_box_around(item.box, grid_hw, item.canvas, None)
-    pb = roi.grid_box_to_pixels(grid_box, grid_hw, item.canvas, min_side=MIN_BOX_SIDE)
-    crop = item.image.crop((pb.x0, pb.y0, pb.x1, pb.y1))
-    zoom = crop.resize(_budget_size(crop.size, min_pixels, max_pixels), Image.Resampling.BICUBIC)
+    zoom = _budget_crop(item, grid_box, grid_hw, min_pixels, max_pixels)
     kept = dataclasses.replace(item, image=Image.new("RGB", (1, 1)))
     return PoolItem(kept, (0, 0), coarse, grid_hw, (zoom, grid_box))
+
+
+def _budget_crop(
+    item: SyntheticItem, grid_box: roi.GridBox, grid_hw: tuple[int, int], min_pixels: int, max_pixels: int
+) -> Image.Image:
+    """The crop of ``item``'s whole canvas that a zoom on ``grid_box`` cuts, resized to the view budget exactly as the
+    processor would: fixed once per pooled item, its features can be kept."""
+    pb = roi.grid_box_to_pixels(grid_box, grid_hw, item.canvas, min_side=MIN_BOX_SIDE)
+    crop = item.image.crop((pb.x0, pb.y0, pb.x1, pb.y1))
+    return crop.resize(_budget_size(crop.size, min_pixels, max_pixels), Image.Resampling.BICUBIC)
 
 
 def _decoy_crop(
@@ -371,11 +380,8 @@ def _decoy_crop(
     others = [plate for i, plate in enumerate(scene.plates) if i != scene.target]
     for plate in sorted(others, key=lambda plate: plate.kind != target.kind):  # look-alikes first
         grid_box = roi.covering_grid_box(plate.box, grid_hw, item.canvas)
-        clear = grid_box.x1 <= aim.x0 or aim.x1 <= grid_box.x0 or grid_box.y1 <= aim.y0 or aim.y1 <= grid_box.y0
-        if clear:
-            pb = roi.grid_box_to_pixels(grid_box, grid_hw, item.canvas, min_side=MIN_BOX_SIDE)
-            crop = item.image.crop((pb.x0, pb.y0, pb.x1, pb.y1))
-            return crop.resize(_budget_size(crop.size, min_pixels, max_pixels), Image.Resampling.BICUBIC), grid_box
+        if not boxes_overlap(grid_box.as_list(), aim.as_list()):
+            return _budget_crop(item, grid_box, grid_hw, min_pixels, max_pixels), grid_box
     return None
 
 
@@ -723,11 +729,12 @@ class ExampleBuilder:
         block = st.blocks[0]
         crop, grid_box, pixel_box, crop_pixels, crop_grid, crop_key = self.zoom_view(p, rng, answer)
         views = [(grid_box, pixel_box, crop_pixels, crop_grid, crop_key)]
+        aim = 0  # the target's view among them (its block is the one after the coarse view's and any before it)
         if decoy_first is not None and p.decoy is not None:
             decoy_pixels, decoy_grid, decoy_key = self.pooled_view(p, "decoy")
             decoy_box = roi.grid_box_to_pixels(p.decoy[1], p.grid_hw, item.canvas, min_side=MIN_BOX_SIDE)
-            views.insert(0 if decoy_first else 1, (p.decoy[1], decoy_box, decoy_pixels, decoy_grid, decoy_key))
-        aim = next(i for i, view in enumerate(views) if view[0] is grid_box)  # the target's block, after the coarse
+            aim = 1 if decoy_first else 0
+            views.insert(1 - aim, (p.decoy[1], decoy_box, decoy_pixels, decoy_grid, decoy_key))
         empty = torch.empty(0)
         self.engine.splice(
             st,
