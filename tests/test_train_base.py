@@ -150,7 +150,8 @@ def test_fused_examples_with_a_decoy_splice_both_crops_and_aim_at_the_target():
     engine = QZoomEngine(model, processor)
     item = generate_item("train", 5, families=("code",))
     builder = ExampleBuilder(engine, MICRO.min_pixels, MICRO.max_pixels)
-    p = pool_item(item, MICRO.min_pixels, MICRO.max_pixels, reach=MICRO.crop_max)
+    assert pool_item(item, MICRO.min_pixels, MICRO.max_pixels, reach=MICRO.crop_max).decoy is None  # only if asked
+    p = pool_item(item, MICRO.min_pixels, MICRO.max_pixels, reach=MICRO.crop_max, decoy=True)
     assert p.decoy is not None
     decoy_box = p.decoy[1]
     target_box = _grid_box_around(item.box, p.grid_hw, item.canvas, None)

@@ -315,9 +315,10 @@ class PoolItem:
 
     ``item.image`` is the neighbourhood, whose top-left pixel sits at ``origin`` on the canvas; ``item.canvas``,
     ``item.box`` and ``item.scene`` keep canvas coordinates. Coarse items carry ``zoom``: the crop of their ground-truth
-    region at the view budget, and its grid box (what a zoom on them would show). Detail items with another plate
-    carry ``decoy``: the native crop of that plate's coarse cells, and its grid box (what a zoom on a look-alike
-    shows: the second box of an SD-RPN that lit both, see :meth:`ExampleBuilder.fused`).
+    region at the view budget, and its grid box (what a zoom on them would show). Detail items pooled with
+    ``decoy`` carry one (where another plate's cells stay clear of the target's): the crop of that plate's coarse cells
+    at the view budget, and its grid box (what a zoom on a look-alike shows: the second box of an SD-RPN that lit
+    both, see :meth:`ExampleBuilder.fused`).
     """
 
     item: SyntheticItem
@@ -335,8 +336,9 @@ def _budget_size(wh: tuple[int, int], min_pixels: int, max_pixels: int) -> tuple
     return w, h
 
 
-def pool_item(item: SyntheticItem, min_pixels: int, max_pixels: int, reach: int) -> PoolItem:
-    """Shrink ``item`` to what the examples need; crops reach at most ``reach`` pixels beyond the target's box."""
+def pool_item(item: SyntheticItem, min_pixels: int, max_pixels: int, reach: int, decoy: bool = False) -> PoolItem:
+    """Shrink ``item`` to what the examples need; crops reach at most ``reach`` pixels beyond the target's box. With
+    ``decoy``, a detail item also keeps a look-alike's crop (:attr:`PoolItem.decoy`)."""
     coarse_wh = _budget_size(item.canvas, min_pixels, max_pixels)
     coarse = item.image.resize(coarse_wh, Image.Resampling.BICUBIC)  # the PIL processor's resample
     grid_hw = (coarse_wh[1] // PATCH_PX, coarse_wh[0] // PATCH_PX)
@@ -348,8 +350,8 @@ def pool_item(item: SyntheticItem, min_pixels: int, max_pixels: int, reach: int)
         x0, y0, x1, y1 = item.box
         region = (max(0, x0 - pad), max(0, y0 - pad), min(width, x1 + pad), min(height, y1 + pad))
         kept = dataclasses.replace(item, image=item.image.crop(region))
-        decoy = _decoy_crop(item, grid_hw, min_pixels, max_pixels)
-        return PoolItem(kept, (region[0], region[1]), coarse, grid_hw, decoy=decoy)
+        decoy_view = _decoy_crop(item, grid_hw, min_pixels, max_pixels) if decoy else None
+        return PoolItem(kept, (region[0], region[1]), coarse, grid_hw, decoy=decoy_view)
     grid_box = _grid_box_around(item.box, grid_hw, item.canvas, None)
     zoom = _budget_crop(item, grid_box, grid_hw, min_pixels, max_pixels)
     kept = dataclasses.replace(item, image=Image.new("RGB", (1, 1)))
@@ -1018,7 +1020,7 @@ class ItemPool:
         item = generate_item(
             "train", index, seed=r.seed, families=self.families, min_side=self.sides[0], max_side=self.sides[1]
         )
-        return pool_item(item, r.min_pixels, r.max_pixels, reach=r.crop_max)
+        return pool_item(item, r.min_pixels, r.max_pixels, reach=r.crop_max, decoy=r.fused_decoy_frac > 0)
 
     def _new(self) -> PoolItem:
         if self._worker is None:
