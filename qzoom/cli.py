@@ -395,6 +395,15 @@ TrainDtype = Annotated[str, typer.Option(help="weights: float32, bfloat16 or flo
 TrainPixels = Annotated[int | None, typer.Option(help="pixel budget bound of each view (default: checkpoint's)")]
 TrainTokens = Annotated[int, typer.Option(min=1, max=1024, help="answer length limit while the model answers")]
 TrainMineBatch = Annotated[int, typer.Option(min=1, help="samples per batch while the frozen model answers")]
+GateMaxFpr = Annotated[
+    float | None,
+    typer.Option(
+        min=0.0,
+        max=0.99,
+        help="recall rule: the largest share of right coarse answers to fire on (1 - skip rate); where both bounds "
+        "cannot hold, the threshold that misses them least",
+    ),
+]
 
 
 def _check_judge(judge: str, judge_model: Path | None) -> None:
@@ -582,6 +591,7 @@ def train_stage3_cmd(
     gate_recall: Annotated[
         float, typer.Option(min=0.0, max=1.0, help="--high-res-thresh recall: share of wrong answers to fire on")
     ] = 0.95,
+    gate_max_fpr: GateMaxFpr = None,
     calibration: Annotated[
         int,
         typer.Option(
@@ -644,7 +654,7 @@ def train_stage3_cmd(
 
     _train_run(
         "stage 3", Stage3Config, build, ladder=budgets, signal=signal, pool=pool, p_refine=p_refine,
-        max_samples=max_samples, high_res_thresh=thresh, gate_recall=gate_recall,
+        max_samples=max_samples, high_res_thresh=thresh, gate_recall=gate_recall, gate_max_fpr=gate_max_fpr,
         high_res_K=high_res_k, high_res_T=high_res_t, lr=lr, batch_size=batch_size, epochs=epochs,
         max_steps=max_steps, seed=seed, save_every=save_every, device=device, dtype=dtype,
         max_new_tokens=max_new_tokens, mine_batch_size=mine_batch_size,
@@ -732,6 +742,7 @@ def train_gate_threshold_cmd(
     gate_recall: Annotated[
         float, typer.Option(min=0.0, max=1.0, help="--rule recall: share of wrong coarse answers to fire on")
     ] = 0.95,
+    gate_max_fpr: GateMaxFpr = None,
     data_seed: TrainDataSeed = 0,
     min_side: TrainSide = 896,
     max_side: TrainSide = 4096,
@@ -758,8 +769,8 @@ def train_gate_threshold_cmd(
     _quiet_transformers()
     try:
         config = Stage3Config(
-            gate_recall=gate_recall, device=device, min_pixels=min_pixels, max_pixels=max_pixels,
-            max_new_tokens=max_new_tokens, mine_batch_size=batch_size,
+            gate_recall=gate_recall, gate_max_fpr=gate_max_fpr, device=device, min_pixels=min_pixels,
+            max_pixels=max_pixels, max_new_tokens=max_new_tokens, mine_batch_size=batch_size,
         )  # fmt: skip
         items = data_source(data, synthetic, seed=data_seed, split="val", min_side=min_side, max_side=max_side)
         source = str(data) if data is not None else f"synthetic val split (seed {data_seed})"

@@ -561,12 +561,43 @@ def test_recall_threshold_fires_on_everything_when_the_lowest_score_is_a_positiv
     assert t is not None and t.value == pytest.approx(0.1) and (t.tpr, t.fpr) == (1.0, 1.0)
 
 
+def test_recall_threshold_with_a_false_positive_bound_keeps_the_recall_cut_when_both_hold():
+    scores = [0.1, 0.2, 0.3, 0.7, 0.4, 0.6, 0.8, 0.9]
+    labels = [0, 0, 0, 0, 1, 1, 1, 1]
+    # The recall cut of 0.75 at 0.5 fires on one negative in four: inside a bound of 0.25, so it stands as it is.
+    bounded = recall_threshold(scores, labels, 0.75, max_fpr=0.25)
+    assert bounded == recall_threshold(scores, labels, 0.75)
+
+
+def test_recall_threshold_splits_the_shortfall_when_the_bounds_conflict():
+    # Ten positives at 0.50-0.95 and ten negatives at 0.05-0.60 overlapping them: catching 90% of the positives
+    # (cut 0.525) fires on two of ten negatives; a bound of 0.0 cannot hold with that recall.
+    positives = [0.50, 0.55, 0.60, 0.65, 0.70, 0.75, 0.80, 0.85, 0.90, 0.95]
+    negatives = [0.05, 0.10, 0.15, 0.20, 0.25, 0.30, 0.35, 0.40, 0.58, 0.62]
+    scores, labels = positives + negatives, [1] * 10 + [0] * 10
+    recall_only = recall_threshold(scores, labels, 0.9)
+    assert recall_only is not None and (recall_only.tpr, recall_only.fpr) == (0.9, 0.2)
+    # Shortfalls max(0.9 - TPR, FPR - 0): at 0.525 (0.9, 0.2) -> 0.2; at 0.565 (0.8, 0.2) -> 0.2; at 0.59 (0.8, 0.1)
+    # -> 0.1; at 0.61 (0.7, 0.1) -> 0.2; at 0.635 (0.7, 0.0) -> 0.2. So 0.59: one positive missed, one negative skipped.
+    t = recall_threshold(scores, labels, 0.9, max_fpr=0.0)
+    assert t is not None and t.value == pytest.approx(0.59) and (t.tpr, t.fpr) == (0.8, 0.1)
+    # A looser bound that the recall cut meets changes nothing.
+    assert recall_threshold(scores, labels, 0.9, max_fpr=0.2) == recall_only
+    # One that it misses by less than a positive's share stays on those two negatives (0.05 over the bound, against
+    # 0.1 short of the recall at 0.59). The recall cut 0.525 and the cut below it, 0.45 (every positive), miss it
+    # alike; the tie goes to the lower cut, which catches one more positive for no more negatives.
+    t = recall_threshold(scores, labels, 0.9, max_fpr=0.15)
+    assert t is not None and t.value == pytest.approx(0.45) and (t.tpr, t.fpr) == (1.0, 0.2)
+
+
 def test_recall_threshold_checks_its_input():
     assert recall_threshold([0.2, 0.8], [1, 1], 0.9) is None  # one class: nothing to separate
     with pytest.raises(ValueError, match=r"min_tpr .*\(0, 1\]"):
         recall_threshold([0.2, 0.8], [0, 1], 0.0)
     with pytest.raises(ValueError, match="labels"):
         recall_threshold([0.1, 0.2], [0], 0.9)
+    with pytest.raises(ValueError, match=r"max_fpr .*\[0, 1\)"):
+        recall_threshold([0.2, 0.8], [0, 1], 0.9, max_fpr=1.0)
 
 
 def test_gate_label_is_reproducible_and_follows_reference_rng_order():

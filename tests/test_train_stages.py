@@ -486,7 +486,8 @@ def test_stage3_youden_threshold_separates_the_gate_scores_the_engine_gives(base
     assert (chosen["tpr"], chosen["fpr"]) == (round(expected.tpr, 4), round(expected.fpr, 4))
 
 
-def test_stage3_recall_threshold_is_chosen_on_the_calibration_items(base_dir, tmp_path):
+@pytest.mark.parametrize("max_fpr", [None, 0.0])
+def test_stage3_recall_threshold_is_chosen_on_the_calibration_items(base_dir, tmp_path, max_fpr):
     # The training items all have an answer the model never gives (one class: no rule could choose on them); the
     # calibration items take the model's own answer on two of six: the threshold can only come from those.
     pool = SyntheticItems(4, min_side=256, max_side=256)
@@ -496,7 +497,8 @@ def test_stage3_recall_threshold_is_chosen_on_the_calibration_items(base_dir, tm
     calibration = [dataclasses.replace(item, answer=own[i] if i < 2 else "qqqq") for i, item in enumerate(cal_pool)]
     config = Stage3Config(
         ladder=[4, 101, 110], signal="prediction_vs_gt", pool="all", high_res_thresh="recall", gate_recall=0.75,
-        max_new_tokens=2, min_pixels=4 * 784, max_pixels=4 * 784, batch_size=2, max_steps=2, lr=1e-3, progress=False,
+        gate_max_fpr=max_fpr, max_new_tokens=2, min_pixels=4 * 784, max_pixels=4 * 784, batch_size=2, max_steps=2,
+        lr=1e-3, progress=False,
     )  # fmt: skip
     out = train_stage3(base_dir, training, tmp_path / "out", config, calibration=calibration)
     chosen = json.loads((out / "trainer" / "state.json").read_text())["summary"]["threshold"]
@@ -505,9 +507,10 @@ def test_stage3_recall_threshold_is_chosen_on_the_calibration_items(base_dir, tm
     engine = QZoomEngine.from_pretrained(out)
     assert engine.settings.high_res_thresh == chosen["value"]
     scores, _ = served_gate(engine, calibration)
-    expected = recall_threshold(scores, [0, 0, 1, 1, 1, 1], 0.75)
+    expected = recall_threshold(scores, [0, 0, 1, 1, 1, 1], 0.75, max_fpr)
     assert expected is not None and chosen["value"] == pytest.approx(expected.value, abs=1e-4)
-    assert chosen["tpr"] >= 0.75 and chosen["tpr"] == round(expected.tpr, 4)
+    assert (chosen["tpr"], chosen["fpr"]) == (round(expected.tpr, 4), round(expected.fpr, 4))
+    assert chosen.get("max_fpr") == max_fpr  # the record says which rule chose it
 
 
 def test_stage3_youden_keeps_the_threshold_when_every_label_is_the_same(base_dir, tmp_path):
@@ -604,6 +607,7 @@ def test_train_command_errors_name_the_problem(base_dir, tmp_path, args, message
         (["--high-res-thresh", "1.5"], "'youden'"),
         (["--high-res-thresh", "best"], "'recall'"),
         (["--calibration", "3", "--gate-recall", "1.5"], "--gate-recall"),
+        (["--high-res-thresh", "recall", "--gate-max-fpr", "1"], "--gate-max-fpr"),
     ],
 )
 def test_stage3_option_errors_name_the_accepted_values(base_dir, tmp_path, args, message):
@@ -637,6 +641,13 @@ def test_gate_threshold_command_writes_the_threshold_the_scores_choose(base_dir,
     assert result.exit_code == 0, result.output
     history = json.loads((model / "config.json").read_text())["qzoom_training"]
     assert [e["threshold"]["rule"] for e in history if e["stage"] == "gate_threshold"] == ["youden"]
+    # With a bound on the right answers fired on, the record says so and the value is the bounded rule's.
+    result = CliRunner().invoke(app, [*args, "--gate-max-fpr", "0", *budget])
+    assert result.exit_code == 0, result.output
+    record = json.loads(result.stdout.splitlines()[-1])
+    bounded = recall_threshold(scores, [0, 1, 0, 1, 0, 1], 0.6, max_fpr=0.0)
+    assert bounded is not None and record["max_fpr"] == 0.0
+    assert record["value"] == pytest.approx(bounded.value, abs=1e-4) and record["fpr"] == round(bounded.fpr, 4)
 
 
 def test_gate_threshold_command_needs_a_gate_and_two_classes(base_dir, tmp_path):

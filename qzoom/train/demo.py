@@ -78,7 +78,11 @@ class DemoRecipe(BaseModel):
     # the detail questions the coarse view misses; r11: 0.910, 71.5%, under the bound of 90%), while the highest
     # threshold that fires on 90% of the calibration items' wrong coarse answers holds it (r11: 0.687 on val items,
     # 95.7%, skipping 79.5% of what the coarse view answers; r12, shipped: 0.710, 95.7% and 80.4% on the card;
-    # docs/demo_model.md, "Session of 2026-12-04 (fifth)").
+    # docs/demo_model.md, "Session of 2026-12-04 (fifth)"). The recall holds the fire rate, not the skip rate: r12b,
+    # r12's recipe rerun, put it at 0.606 (FPR 0.35 on calibration) and skipped 66.7% on the card. So the rule also
+    # bounds the share of right coarse answers fired on at 0.3 (the skip bound of 70%), and where the two bounds
+    # conflict it takes the threshold that misses them least (`recall_threshold`; r12's 0.710 at FPR 0.18 is
+    # unchanged by it; docs/demo_model.md, "Session of 2026-12-04 (seventh)").
     stage3_max_side: int = Field(4096, ge=896)
     gate_calibration_items: int = Field(300, ge=2)
     # The boxes: the two heaviest connected components of the cells above τ_roi that also reach half the map's peak,
@@ -103,6 +107,7 @@ class DemoRecipe(BaseModel):
             pool="all",
             high_res_thresh="recall",
             gate_recall=0.9,
+            gate_max_fpr=0.3,
         )
     )
 

@@ -807,7 +807,9 @@ def youden_threshold(scores: Sequence[float], labels: Sequence[int]) -> GateThre
     return best
 
 
-def recall_threshold(scores: Sequence[float], labels: Sequence[int], min_tpr: float) -> GateThreshold | None:
+def recall_threshold(
+    scores: Sequence[float], labels: Sequence[int], min_tpr: float, max_fpr: float | None = None
+) -> GateThreshold | None:
     """The highest threshold on gate probabilities that still fires on at least ``min_tpr`` of the positives.
 
     The gate's job is asymmetric: a missed zoom costs an answer, a needless one costs time. Youden's J weighs both
@@ -815,21 +817,34 @@ def recall_threshold(scores: Sequence[float], labels: Sequence[int], min_tpr: fl
     zooms as little as that allows (the highest such threshold has the lowest FPR). Candidates are the midpoints of
     :func:`youden_threshold`, plus half the lowest score (fire on everything), so ``min_tpr=1`` always has an answer.
     None when the labels hold one class only or every score is the same.
+
+    ``max_fpr`` bounds the other rate too (the share of right views zoomed on, i.e. one minus the skip rate). Where
+    the threshold above fires on at most that share of the negatives it is the answer, as without the bound. Where it
+    fires on more, no threshold meets both bounds (a higher one catches fewer positives), and the rule takes the one
+    that misses them least: the smallest ``max(min_tpr - TPR, FPR - max_fpr)``, ties to the lowest threshold. Why:
+    the recall alone holds the fire rate from run to run but lets the skip rate fall wherever the right views score
+    high (a rerun of the demo recipe skipped 66.7% at FPR 0.35, docs/demo_model.md); splitting the shortfall keeps
+    both near their bounds.
     """
     if not 0.0 < min_tpr <= 1.0:
         raise ValueError(f"min_tpr is a share of the positives in (0, 1]; got {min_tpr}")
+    if max_fpr is not None and not 0.0 <= max_fpr < 1.0:
+        raise ValueError(f"max_fpr is a share of the negatives in [0, 1); got {max_fpr}")
     checked = _separable(scores, labels)
     if checked is None:
         return None
     positives, negatives, distinct = checked
     candidates = [distinct[0] / 2] + [(low + high) / 2 for low, high in itertools.pairwise(distinct)]
-    for value in reversed(candidates):  # highest first: the first that reaches min_tpr zooms least
+    rated: list[GateThreshold] = []  # ascending by value: TPR and FPR fall as the threshold rises
+    for value in candidates:
         fired = [label for s, label in zip(scores, labels, strict=True) if s >= value]
-        tpr = sum(fired) / positives
-        if tpr >= min_tpr:
-            fpr = (len(fired) - sum(fired)) / negatives
-            return GateThreshold(value=value, tpr=tpr, fpr=fpr, positives=positives, negatives=negatives)
-    raise AssertionError("the lowest candidate fires on every score")  # unreachable: TPR is 1 there
+        tpr, fpr = sum(fired) / positives, (len(fired) - sum(fired)) / negatives
+        rated.append(GateThreshold(value=value, tpr=tpr, fpr=fpr, positives=positives, negatives=negatives))
+    recall_met = [t for t in rated if t.tpr >= min_tpr]  # never empty: the lowest candidate fires on every score
+    chosen = recall_met[-1]  # the highest: the first that reaches min_tpr from above zooms least
+    if max_fpr is None or chosen.fpr <= max_fpr:
+        return chosen
+    return min(rated, key=lambda t: max(min_tpr - t.tpr, t.fpr - max_fpr))  # min keeps the first (lowest) of ties
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -26,7 +26,9 @@ Contract of :func:`train_stage3`:
    ``"recall"``: every item is answered once more on the coarse view as served, and the trained gate's scores of the
    wrong answers against the right ones choose it (:func:`choose_threshold`; not in the paper, which tunes τ_gate per
    benchmark): the best Youden's J, or the highest threshold that fires on ``config.gate_recall`` of the wrong
-   answers. It is recorded with its TPR and FPR in the run summary; None keeps the model's. The items answered are
+   answers (and, with ``config.gate_max_fpr``, on at most that share of the right ones, or as near both bounds as the
+   scores allow: :func:`~qzoom.train.labels.recall_threshold`). It is recorded with its TPR and FPR in the run
+   summary; None keeps the model's. The items answered are
    ``calibration`` when given (items the gate did not train on, whose scores are as sure as a new question's), else
    the training items.
 5. A model with an SD-RPN but no gate gets one first: ``high_res_layers`` copied from ``layers[K:K+T]`` (the
@@ -109,6 +111,13 @@ class Stage3Config(TrainConfig):
     )
     gate_recall: float = Field(
         0.95, gt=0, le=1, description="high_res_thresh='recall': the share of wrong coarse answers the gate fires on"
+    )
+    gate_max_fpr: float | None = Field(
+        None,
+        ge=0,
+        lt=1,
+        description="high_res_thresh='recall': the largest share of right coarse answers it may fire on (one minus the "
+        "skip rate); where both bounds cannot hold, the threshold that misses them least (None: recall alone)",
     )
     high_res_K: int | None = Field(None, ge=1, description="gate branch point for a model without a gate (twig_K)")
     high_res_T: int | None = Field(None, ge=1, description="gate depth for a model without a gate (twig_T)")
@@ -241,7 +250,8 @@ def choose_threshold(
     """The threshold at which the trained gate tells the items the model answers wrong on the coarse view as served
     from those it answers right (:func:`gate_scores`): by ``rule``, the best Youden's J
     (:func:`~qzoom.train.labels.youden_threshold`) or the highest threshold that fires on ``config.gate_recall`` of
-    the wrong ones (:func:`~qzoom.train.labels.recall_threshold`).
+    the wrong ones, bounded by ``config.gate_max_fpr`` on the right ones when set
+    (:func:`~qzoom.train.labels.recall_threshold`).
 
     At the view the gate decides on, not at the ladder's budgets it was trained across: on the demo model the examples'
     mixed budgets (a quarter of them at 64 tokens, where the coarse questions fail too) put the threshold at 0.89,
@@ -250,7 +260,7 @@ def choose_threshold(
     """
     scores, labels = gate_scores(engine, items, config)
     if rule == "recall":
-        return recall_threshold(scores, labels, config.gate_recall)
+        return recall_threshold(scores, labels, config.gate_recall, config.gate_max_fpr)
     return youden_threshold(scores, labels)
 
 
@@ -262,6 +272,8 @@ def threshold_record(
     record: dict[str, Any] = {"rule": rule, "on": on, "items": items}
     if rule == "recall":
         record["recall"] = config.gate_recall
+        if config.gate_max_fpr is not None:
+            record["max_fpr"] = config.gate_max_fpr
     if chosen is None:
         return {**record, "value": None, "why": "the answers were all right or all wrong"}
     return {
