@@ -53,6 +53,7 @@ from qzoom.train.base import (
     ItemPool,
     ProbedHead,
     _attention_share_loss,
+    _code_phase_batch,
     _draw_batch,
     _grid_box_around,
     _ground_phase_batch,
@@ -96,6 +97,7 @@ MICRO = BaseRecipe(
     pointer_heads=((3, 1),),
     fused_decoy_frac=0.5,  # every kind of example the recipe can draw is drawn in the micro run
     drill_position_frac=0.5,
+    code_steps=2,
 )
 
 
@@ -492,6 +494,25 @@ def test_ground_phase_mixes_its_coarse_views_with_reading_batches():
     batch, _ = _ground_phase_batch(builder, pools, random.Random(1), quiet)
     assert [e.answer_weight for e in batch] == [0.0 if e.family == "letter" else 1.0 for e in batch]
     assert collate(batch, builder.engine.pad_id)["answer_weight"].tolist() == [e.answer_weight for e in batch]
+
+
+def test_code_phase_draws_crops_and_fused_sequences_of_codes_only():
+    recipe = dataclasses.replace(MICRO, mixed_batch_size=6, pool_size=6)
+    model, processor = build_demo_model(recipe)
+    builder = ExampleBuilder(QZoomEngine(model, processor), recipe.min_pixels, recipe.max_pixels)
+    pool = ItemPool(recipe, ("code", "letter", "code_at"), 0, "detail", progress=False)
+    batch = _code_phase_batch(builder, pool, random.Random(4), recipe)
+    assert [e.view for e in batch] == ["crop", "fused"] * 3
+    assert {e.family for e in batch} <= {"code", "code_at"}
+    # Each shows a fresh code on the target (the pool holds two code items; the answers are drawn anew each time), and
+    # the pointer targets are set for every glyph of it.
+    tokenizer = processor.tokenizer
+    answers = [tokenizer.decode(e.input_ids[e.labels != -100], skip_special_tokens=True) for e in batch]
+    assert len(set(answers)) > 2 and all(len(a) == 3 for a in answers)
+    assert all(e.pointer is not None and len(e.pointer) == 3 for e in batch)
+    letters = ItemPool(recipe, ("letter",), 0, "letters", progress=False)
+    with pytest.raises(ValueError, match="needs code items"):
+        _code_phase_batch(builder, letters, random.Random(4), recipe)
 
 
 def test_answer_loss_weighs_each_sample_and_counts_every_scored_token():

@@ -27,6 +27,7 @@ Contract:
   share of the steps are whole views: *scenes* (detail items on small canvases, seen whole 1-3x below native
   scale, several plates in view, so the question's colour or position word has to pick the plate) and coarse
   views of the coarse families; scenes are what teach the model to look at the named plate, which Stage 1 distils.
+  An optional *codes* phase (``code_steps``, off by default) then trains on crops and fused sequences of codes alone.
   The last phase, *ground*, shows coarse views at the benchmark's canvas sizes, detail questions and the coarse
   families', with the grounding loss weighted up and the answer loss down: the view Stage 1 mines its labels on;
   half of its steps are mixed-phase batches, so that reading is not lost meanwhile.
@@ -233,6 +234,17 @@ class BaseRecipe:
     # steps vs 750 steps half mixed: crops letter 57% vs 86%, pattern 29% vs 71%; fused letter 29% vs 57%, shape
     # 43% vs 100%; coarse colour 57% vs 71%; with the target's own box the pipeline read 30% vs 45% of 60 val detail
     # items (docs/demo_model.md). The heads' aim did not change (the SD-RPN's peak on the target 33% vs 32%).
+    # Codes: a phase of codes alone between the mixed and ground phases, `code_steps` batches of `mixed_batch_size`,
+    # half native crops, half fused sequences of the detail pool's `code` and `code_at` items (a fresh code drawn on
+    # the target each time, so the pool need not refresh), on its own cosine schedule peaking at `code_lr` and its
+    # own random stream (so the ground phase's batches stay as they were without it). Why: the decoder read a whole
+    # code through the true box on 30-45% of r12's questions where the tower's glyph tokens allow about 65%, the
+    # middle glyph worst (per-position 74% / 49% / 79% on 80 val `code` questions, often the first glyph again), and
+    # the other phases show it about 400 fused code sequences in all (the mixed batches of the mixed and ground
+    # phases). 400 such steps from r12's weights took whole
+    # codes through the true box from 24 to 41 of 80 (`code_at` 36 to 40; docs/demo_model.md). 0: none (r12).
+    code_steps: int = 0
+    code_lr: float = 3e-4
     ground_steps: int = 750
     ground_lr: float = 5e-4
     ground_detail_frac: float = 0.5
@@ -1112,6 +1124,28 @@ def _weigh_unreadable(examples: list[Example], recipe: BaseRecipe) -> list[Examp
     return examples
 
 
+CODE_FAMILIES = frozenset({"code", "code_at"})
+
+
+def _code_phase_batch(builder: ExampleBuilder, pool: ItemPool, rng: random.Random, recipe: BaseRecipe) -> list[Example]:
+    """The code phase's batch (see ``BaseRecipe.code_steps``): ``mixed_batch_size`` examples of the pool's code
+    items, crops and fused sequences alternating, each with a fresh code on the target."""
+    items = [p for p in pool.items if p.item.family in CODE_FAMILIES]
+    if not items:
+        raise ValueError(f"the code phase needs code items in the detail pool; its families are {pool.families}")
+    crop_range = (recipe.crop_min, recipe.crop_max)
+    return [
+        builder.make(
+            rng.choice(items),
+            "fused" if i % 2 else "crop",
+            rng,
+            crop_range,
+            _zoom(rng, recipe.zoom_frac, recipe.zoom_max),
+        )
+        for i in range(recipe.mixed_batch_size)
+    ]
+
+
 def _ground_phase_batch(
     builder: ExampleBuilder, pools: dict[str, ItemPool], rng: random.Random, recipe: BaseRecipe
 ) -> tuple[list[Example], bool]:
@@ -1193,12 +1227,14 @@ def train_base(
     )
     crops_start = recipe.referent_steps + recipe.drill_steps
     mixed_end = crops_start + recipe.crop_steps + recipe.mixed_steps
-    total = mixed_end + recipe.ground_steps
+    codes_end = mixed_end + recipe.code_steps
+    total = codes_end + recipe.ground_steps
     phase_ends = (
         ("referent", recipe.referent_steps),
         ("drills", crops_start),
         ("crops", crops_start + recipe.crop_steps),
         ("mixed", mixed_end),
+        ("codes", codes_end),
         ("ground", total),
     )
     pad_id = engine.pad_id
@@ -1208,6 +1244,7 @@ def train_base(
 
     # The referent drills draw from their own stream, so that the phase leaves every later batch as it was without it.
     referent_rng = random.Random(f"{recipe.seed}:referent")
+    code_rng = random.Random(f"{recipe.seed}:codes")  # the same for the code phase
     started = time.perf_counter()
     ema: float | None = None
     read_ema: float | None = None
@@ -1249,6 +1286,8 @@ def train_base(
                     for _ in range(recipe.drill_batch_size)
                 )
             ]
+        elif phase == "codes":
+            examples = _code_phase_batch(builder, pools["detail"], code_rng, recipe)
         elif phase == "ground":
             examples, ground_batch = _ground_phase_batch(builder, pools, rng, recipe)
         else:
@@ -1282,7 +1321,9 @@ def train_base(
             group["lr"] = (
                 _lr_at(step, recipe.referent_steps, recipe)
                 if phase == "referent"
-                else _lr_at(step - mixed_end, recipe.ground_steps, recipe, peak=recipe.ground_lr)
+                else _lr_at(step - mixed_end, recipe.code_steps, recipe, peak=recipe.code_lr)
+                if phase == "codes"
+                else _lr_at(step - codes_end, recipe.ground_steps, recipe, peak=recipe.ground_lr)
                 if phase == "ground"
                 else _lr_at(step - recipe.referent_steps, mixed_end - recipe.referent_steps, recipe)
             )
