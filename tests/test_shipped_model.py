@@ -10,19 +10,21 @@ worse fails here; the card says which targets are missed.
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 
 import pytest
 
 from qzoom.evals.demo import DemoReport, evaluate_demo, uncached_engine
 from qzoom.models import DEMO_MODEL, default_model_dir
+from qzoom.train.base import BaseRecipe
 from qzoom.train.demo import DemoRecipe
 
 ITEMS = 70  # 50 detail questions, 20 coarse ones (the seven families round-robin)
 # Bounds below the card's numbers (300 items) by more than the sampling noise of ITEMS; measured here: see each test.
-COARSE_RIGHT = 0.70  # 90% on these items
-DETAIL_ZOOMED = 0.40  # 54% on these items
-DETAIL_GAIN = 0.30  # 44 points on these items
-GATE_FIRES = 0.80  # 96% of 45 questions on these items
+COARSE_RIGHT = 0.70  # 75% on these items
+DETAIL_ZOOMED = 0.45  # 58% on these items
+DETAIL_GAIN = 0.35  # 52 points on these items
+GATE_FIRES = 0.80  # 98% of 47 questions on these items
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +37,8 @@ def test_the_package_ships_the_demo_model_with_its_card():
     config = json.loads((DEMO_MODEL / "config.json").read_text())
     assert config["enable_twig"] and config["enable_high_res"]  # SD-RPN and gate
     assert config["qzoom_stage1_heads"]["grounding"]  # Stage 1 recorded the heads it distilled from
-    assert "qzoom_base_recipe" in config
+    # The base was trained by the recipe `qzoom train demo` runs today, so that the command reproduces it.
+    assert config["qzoom_base_recipe"] == json.loads(json.dumps(asdict(BaseRecipe())))
     # The boxes are the recipe's (written by `qzoom train demo`), not left from a calibration or a hand edit.
     recipe = DemoRecipe()
     assert (config["box_mode"], config["max_boxes"], config["roi_peak_frac"]) == (
@@ -64,30 +67,30 @@ def test_the_package_ships_the_demo_model_with_its_card():
 
 def test_the_coarse_view_fails_on_detail_and_answers_coarse_questions(report):
     assert report.accuracy("coarse@256", "detail") <= 0.40  # the issue's bound: detail is lost at this budget
-    assert report.accuracy("coarse@256", "coarse") >= COARSE_RIGHT  # the card: 87% of colour and count, here 90%
+    assert report.accuracy("coarse@256", "coarse") >= COARSE_RIGHT  # the card: 80% of colour and count, here 75%
 
 
 def test_zooming_reads_details_the_coarse_view_cannot(report):
-    # The issue asks 85%, which this checkpoint misses (the card: 54.9% against 13.0% on the coarse view); the bound
+    # The issue asks 85%, which this checkpoint misses (the card: 58.1% against 10.7% on the coarse view); the bound
     # is what it does reach, so that a retrained checkpoint that zooms worse fails here.
     qzoom, coarse = report.accuracy("qzoom@256", "detail"), report.accuracy("coarse@256", "detail")
     assert qzoom >= DETAIL_ZOOMED and qzoom - coarse >= DETAIL_GAIN
 
 
 def test_the_gate_fires_on_detail_and_skips_most_coarse_right_questions(report):
-    # The issue asks 90%; the card: 95.7%. A bound below it by more than the noise of ~45 questions.
+    # The issue asks 90%; the card: 96.9%. A bound below it by more than the noise of ~45 questions.
     assert report.gate_fire_rate() >= GATE_FIRES
-    assert report.gate_skip_rate() >= 0.60  # the issue's bound is 70%; the card: 80.4%, here 87% of 23 questions
+    assert report.gate_skip_rate() >= 0.60  # the issue's bound is 70%; the card: 74.7%, here 83%
 
 
 def test_the_sd_rpn_box_holds_the_target(report):
-    assert report.rpn_hit_rate() >= 0.85  # the issue's bound; the card: 89.3%, here 92%
+    assert report.rpn_hit_rate() >= 0.85  # the issue's bound; the card: 91.6%, here 92%
     assert report.rpn_box_share() < 0.10  # boxes around plates, not the image (the card: median 2.5%, here 2.5%)
 
 
 def test_zooming_costs_one_view_more_at_most_and_keeps_the_coarse_answers(report):
     # A zoom step re-encodes up to two regions (the checkpoint's `max_boxes`), each at most at the coarse view's budget
     # and mostly far below it (small boxes), and the gate leaves about a third of the questions unzoomed: on these items
-    # 1.61x the coarse view's tokens in all (the card: 394 against 240 a question).
+    # 1.64x the coarse view's tokens in all (the card: 396 against 240 a question).
     assert sum(report.runs["qzoom@256"].visual_tokens) <= 2 * sum(report.runs["coarse@256"].visual_tokens)
-    assert report.accuracy("qzoom@256", "coarse") >= COARSE_RIGHT  # the card: 87.1%, here 90%
+    assert report.accuracy("qzoom@256", "coarse") >= COARSE_RIGHT  # the card: 77.6%, here 80%

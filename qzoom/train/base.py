@@ -27,7 +27,7 @@ Contract:
   share of the steps are whole views: *scenes* (detail items on small canvases, seen whole 1-3x below native
   scale, several plates in view, so the question's colour or position word has to pick the plate) and coarse
   views of the coarse families; scenes are what teach the model to look at the named plate, which Stage 1 distils.
-  An optional *codes* phase (``code_steps``, off by default) then trains on crops and fused sequences of codes alone.
+  A *codes* phase (``code_steps``) then trains on crops and fused sequences of codes alone.
   The last phase, *ground*, shows coarse views at the benchmark's canvas sizes, detail questions and the coarse
   families', with the grounding loss weighted up and the answer loss down: the view Stage 1 mines its labels on;
   half of its steps are mixed-phase batches, so that reading is not lost meanwhile.
@@ -235,15 +235,17 @@ class BaseRecipe:
     # 43% vs 100%; coarse colour 57% vs 71%; with the target's own box the pipeline read 30% vs 45% of 60 val detail
     # items (docs/demo_model.md). The heads' aim did not change (the SD-RPN's peak on the target 33% vs 32%).
     # Codes: a phase of codes alone between the mixed and ground phases, `code_steps` batches of `mixed_batch_size`,
-    # half native crops, half fused sequences of the detail pool's `code` and `code_at` items (a fresh code drawn on
-    # the target each time, so the pool need not refresh), on its own cosine schedule peaking at `code_lr` and its
-    # own random stream (so the ground phase's batches stay as they were without it). Why: the decoder read a whole
-    # code through the true box on 30-45% of r12's questions where the tower's glyph tokens allow about 65%, the
-    # middle glyph worst (per-position 74% / 49% / 79% on 80 val `code` questions, often the first glyph again), and
-    # the other phases show it about 400 fused code sequences in all (the mixed batches of the mixed and ground
-    # phases). 400 such steps from r12's weights took whole
-    # codes through the true box from 24 to 41 of 80 (`code_at` 36 to 40; docs/demo_model.md). 0: none (r12).
-    code_steps: int = 0
+    # half native crops, half fused sequences of the detail pool's `code` and `code_at` items (a fresh code drawn on the
+    # target each time, so the pool need not refresh), on its own cosine schedule peaking at `code_lr` and its own
+    # random stream (so the ground phase's batches stay as they were without it). Why: the decoder read a whole code
+    # through the true box on 30-45% of r12's questions where the tower's glyph tokens allow about 65%, the middle glyph
+    # worst (per-position 74% / 49% / 79% on 80 val `code` questions, often the first glyph again), and the other phases
+    # show it about 400 fused code sequences in all (the mixed batches of the mixed and ground phases). 400 such steps
+    # from r12's weights took whole codes through the true box from 24 to 41 of 80 (`code_at` 36 to 40). In the whole
+    # recipe (r14, shipped) Q-Zoom read 47% of the card's `code` questions against 30% for r12 and 19% for its rerun,
+    # and 58.1% of the detail questions against 54.9% and 51.6%, for about 4.5 more minutes (docs/demo_model.md). 0:
+    # none (r12's recipe).
+    code_steps: int = 400
     code_lr: float = 3e-4
     ground_steps: int = 750
     ground_lr: float = 5e-4

@@ -82,7 +82,8 @@ class DemoRecipe(BaseModel):
     # r12's recipe rerun, put it at 0.606 (FPR 0.35 on calibration) and skipped 66.7% on the card. So the rule also
     # bounds the share of right coarse answers fired on at 0.3 (the skip bound of 70%), and where the two bounds
     # conflict it takes the threshold that misses them least (`recall_threshold`; r12's 0.710 at FPR 0.18 is
-    # unchanged by it; docs/demo_model.md, "Session of 2026-12-04 (seventh)").
+    # unchanged by it, and r14, shipped, chose 0.625 at FPR 0.23 with it; docs/demo_model.md, "Session of 2026-12-04
+    # (seventh)").
     stage3_max_side: int = Field(4096, ge=896)
     gate_calibration_items: int = Field(300, ge=2)
     # The boxes: the two heaviest connected components of the cells above τ_roi that also reach half the map's peak,
