@@ -65,6 +65,7 @@ __all__ = [
     "COARSE_FAMILIES",
     "COARSE_TOKENS",
     "CODE_ALPHABET",
+    "CODE_FAMILIES",
     "CODE_LENGTH",
     "COLOURS",
     "COUNTS",
@@ -122,6 +123,7 @@ SPLITS = ("train", "val", "test")
 FAMILIES = ("code", "code_at", "letter", "shape", "pattern", "colour", "count")
 DETAIL_FAMILIES = frozenset({"code", "code_at", "letter", "shape", "pattern"})
 COARSE_FAMILIES = frozenset({"colour", "count"})
+CODE_FAMILIES = frozenset({"code", "code_at"})  # the detail families whose answer is a code of CODE_LENGTH glyphs
 
 # Saturated and far apart in hue, so a 2-3 px border at coarse scale still names its colour; the background is
 # low-chroma so that no colour word could refer to it.

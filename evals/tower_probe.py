@@ -28,6 +28,7 @@ import torch
 from qzoom.engine import QZoomEngine
 from qzoom.evals.synthetic import (
     COARSE_TOKENS,
+    CODE_FAMILIES,
     CODE_LENGTH,
     DETAIL_FAMILIES,
     FAMILIES,
@@ -54,7 +55,7 @@ class TowerProbe:
         """The share of answers a decoder reading each token as well as the probe would get whole (a code: every
         glyph; independent errors assumed)."""
         per_token = self.accuracy[crop][family]
-        return per_token**CODE_LENGTH if family in ("code", "code_at") else per_token
+        return per_token**CODE_LENGTH if family in CODE_FAMILIES else per_token
 
 
 def fit_linear_probe(

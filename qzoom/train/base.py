@@ -68,6 +68,7 @@ from qzoom.evals.synthetic import (
     COARSE_FAMILIES,
     COARSE_TOKENS,
     CODE_ALPHABET,
+    CODE_FAMILIES,
     CODE_LENGTH,
     COLOURS,
     DETAIL_FAMILIES,
@@ -494,7 +495,7 @@ def reading_targets(
             runs = [(lo + i * step, lo + (i + 1) * step) for i in range(len(answer))]
         centres = [(x0 + (a + b) / 2, char) for (a, b), char in zip(runs, answer, strict=True)]
     row = min(gh - 1, int(cy * sy // PATCH_PX))
-    is_code = family in ("code", "code_at")
+    is_code = family in CODE_FAMILIES
     for place, (cx, value) in enumerate(centres):
         token = row * gw + min(gw - 1, int(cx * sx // PATCH_PX))
         _mark(targets, token, value)
@@ -554,7 +555,7 @@ def answer_pointers(reading: torch.Tensor, answer: str, family: str) -> list[tor
     :func:`reading_targets` marks them) that show it: a code's ``i``-th glyph for its ``i``-th character, the token of
     the letter, shape or pattern for every character of a one-thing answer. Empty where the mark is missing (a glyph
     whose centre is off the image); no pointers for the families without a detail."""
-    if family in ("code", "code_at"):
+    if family in CODE_FAMILIES:
         columns = [READ_CLASSES.index(f"glyph {i + 1}") for i in range(len(answer))]
     elif family in DETAIL_FAMILIES:
         columns = [READ_CLASSES.index(answer)] * len(answer)
@@ -1124,9 +1125,6 @@ def _weigh_unreadable(examples: list[Example], recipe: BaseRecipe) -> list[Examp
         if e.view == "coarse" and e.family in DETAIL_FAMILIES:
             e.answer_weight = recipe.unreadable_answer_weight
     return examples
-
-
-CODE_FAMILIES = frozenset({"code", "code_at"})
 
 
 def _code_phase_batch(builder: ExampleBuilder, pool: ItemPool, rng: random.Random, recipe: BaseRecipe) -> list[Example]:
