@@ -1317,16 +1317,17 @@ def train_base(
             # full rate, and the reading checks fell below those of the same data without the referent phase
             # (docs/demo_model.md, r4 against r2).
             optimizer.state.clear()
+        # The referent, code and ground phases each run their own schedule; drills, crops and mixed share one.
+        if phase == "referent":
+            lr = _lr_at(step, recipe.referent_steps, recipe)
+        elif phase == "codes":
+            lr = _lr_at(step - mixed_end, recipe.code_steps, recipe, peak=recipe.code_lr)
+        elif phase == "ground":
+            lr = _lr_at(step - codes_end, recipe.ground_steps, recipe, peak=recipe.ground_lr)
+        else:
+            lr = _lr_at(step - recipe.referent_steps, mixed_end - recipe.referent_steps, recipe)
         for group in optimizer.param_groups:
-            group["lr"] = (
-                _lr_at(step, recipe.referent_steps, recipe)
-                if phase == "referent"
-                else _lr_at(step - mixed_end, recipe.code_steps, recipe, peak=recipe.code_lr)
-                if phase == "codes"
-                else _lr_at(step - codes_end, recipe.ground_steps, recipe, peak=recipe.ground_lr)
-                if phase == "ground"
-                else _lr_at(step - recipe.referent_steps, mixed_end - recipe.referent_steps, recipe)
-            )
+            group["lr"] = lr
         # Explicitly on: a caller (or a test before this one) may have turned autograd off process-wide.
         for probed in (probe, pointer_probe):
             if probed is not None:

@@ -784,6 +784,19 @@ def _separable(scores: Sequence[float], labels: Sequence[int]) -> tuple[int, int
     return positives, negatives, distinct
 
 
+def _rated(scores: Sequence[float], labels: Sequence[int], values: Sequence[float]) -> list[GateThreshold]:
+    """Each threshold of ``values`` with the shares of the positives and of the negatives it fires on (score >= value);
+    the labels hold both classes (:func:`_separable`)."""
+    positives = sum(labels)
+    negatives = len(labels) - positives
+    rated = []
+    for value in values:
+        fired = [label for s, label in zip(scores, labels, strict=True) if s >= value]
+        tpr, fpr = sum(fired) / positives, (len(fired) - sum(fired)) / negatives
+        rated.append(GateThreshold(value=value, tpr=tpr, fpr=fpr, positives=positives, negatives=negatives))
+    return rated
+
+
 def youden_threshold(scores: Sequence[float], labels: Sequence[int]) -> GateThreshold | None:
     """The threshold on gate probabilities that maximises Youden's J = TPR - FPR on ``(score, label)`` pairs.
 
@@ -796,15 +809,9 @@ def youden_threshold(scores: Sequence[float], labels: Sequence[int]) -> GateThre
     checked = _separable(scores, labels)
     if checked is None:
         return None
-    positives, negatives, distinct = checked
-    best: GateThreshold | None = None
-    for low, high in itertools.pairwise(distinct):
-        value = (low + high) / 2
-        fired = [label for s, label in zip(scores, labels, strict=True) if s >= value]
-        tpr, fpr = sum(fired) / positives, (len(fired) - sum(fired)) / negatives
-        if best is None or tpr - fpr > best.youden_j:
-            best = GateThreshold(value=value, tpr=tpr, fpr=fpr, positives=positives, negatives=negatives)
-    return best
+    _, _, distinct = checked
+    midpoints = [(low + high) / 2 for low, high in itertools.pairwise(distinct)]
+    return max(_rated(scores, labels, midpoints), key=lambda t: t.youden_j)  # max keeps the first (lowest) of ties
 
 
 def recall_threshold(
@@ -833,13 +840,9 @@ def recall_threshold(
     checked = _separable(scores, labels)
     if checked is None:
         return None
-    positives, negatives, distinct = checked
+    _, _, distinct = checked
     candidates = [distinct[0] / 2] + [(low + high) / 2 for low, high in itertools.pairwise(distinct)]
-    rated: list[GateThreshold] = []  # ascending by value: TPR and FPR fall as the threshold rises
-    for value in candidates:
-        fired = [label for s, label in zip(scores, labels, strict=True) if s >= value]
-        tpr, fpr = sum(fired) / positives, (len(fired) - sum(fired)) / negatives
-        rated.append(GateThreshold(value=value, tpr=tpr, fpr=fpr, positives=positives, negatives=negatives))
+    rated = _rated(scores, labels, candidates)  # ascending by value: TPR and FPR fall as the threshold rises
     recall_met = [t for t in rated if t.tpr >= min_tpr]  # never empty: the lowest candidate fires on every score
     chosen = recall_met[-1]  # the highest: the first that reaches min_tpr from above zooms least
     if max_fpr is None or chosen.fpr <= max_fpr:
