@@ -131,7 +131,8 @@ async def zoom(state: ZoomGraphState, runtime: Runtime[ZoomContext]) -> dict[str
     (proposal,) = runtime.context.pending
     await runtime.context.worker.call("zoom", seq, proposal)
     runtime.context.pending = []
-    new_blocks = [b for b in seq.blocks if b.step == seq.zoom_steps]
+    # Every box of the step, also those answered in a sequence of their own (`multi_box` "best").
+    new_blocks = [b for st in (seq, *seq.alternatives) for b in st.blocks if b.step == seq.zoom_steps]
     boxes = [b.box.as_list() for b in new_blocks]
     _emit(
         {

@@ -62,7 +62,7 @@ class RunStats:
     name: str
     correct: list[bool] = field(default_factory=list)
     zoomed: list[bool] = field(default_factory=list)
-    boxes: list[list[list[int]]] = field(default_factory=list)  # per item, the boxes it zoomed on (none: [])
+    boxes: list[list[list[int]]] = field(default_factory=list)  # per item, the SD-RPN's boxes (none: [])
     visual_tokens: list[int] = field(default_factory=list)
     seconds: float = 0.0
 
@@ -245,10 +245,11 @@ def _measure_chunk(
         results: list[AskResult] = [result(engine, st) for st in states]
         stats = report.runs[name]
         stats.seconds += elapsed
-        for item, res in zip(items, results, strict=True):
+        for item, st, res in zip(items, states, results, strict=True):
             stats.correct.append(exact_match(res.answer, item.answer))
             stats.zoomed.append(res.zoomed)
-            stats.boxes.append([step.box for step in res.steps])
+            # The SD-RPN's boxes, whether the answer was read through all of them or one (`multi_box` "best").
+            stats.boxes.append([box.as_list() for proposal in st.proposals for box in proposal.boxes])
             stats.visual_tokens.append(res.visual_tokens)
 
 

@@ -85,6 +85,12 @@ def ask(
     roi_peak_frac: Annotated[
         float | None, typer.Option(min=0.0, max=1.0, help="keep cells above this fraction of the peak [checkpoint]")
     ] = None,
+    multi_box: Annotated[
+        Literal["joint", "best"] | None,
+        typer.Option(
+            help="several boxes: joint, all in one sequence; best, the most confident of one per box [checkpoint]"
+        ),
+    ] = None,
     margin: Annotated[float, typer.Option(min=0.0, max=1.0, help="border around each box, fraction of side")] = 0.0,
     max_new_tokens: Annotated[int, typer.Option(min=1, max=1024)] = 32,
     device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1, ... [env QZOOM_DEVICE]")] = None,
@@ -115,6 +121,7 @@ def ask(
             max_boxes=max_boxes,
             box_mode=box_mode,
             roi_peak_frac=roi_peak_frac,
+            multi_box=multi_box,
             margin=margin,
             max_new_tokens=max_new_tokens,
         )

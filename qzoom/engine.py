@@ -7,9 +7,9 @@
     propose  -> twig layers -> attention-logit map over the newest image's tokens -> sink mask, blur, threshold -> box
     zoom     -> crop the ORIGINAL image, re-encode with the same pixel budget, splice the RoI block after the newest
                 image, aligned (or plain) M-RoPE positions, re-run layers < K on the new tail only (the prefix's
-                layer<K KV cache is reused)
+                layer<K KV cache is reused); with several boxes and `multi_box` "best", one sequence per box
     finish   -> layers >= K over the whole final sequence (starting from the saved layer-K states), with a cache
-    decode   -> greedy decoding of one answer per request
+    decode   -> greedy decoding of one answer per request (per candidate sequence, keeping the most confident)
 
 Every step takes a list of `SequenceState` (one per request) and may be given any subset of them: requests with
 different images, sizes, aspect ratios, budgets and questions share one batch, some zooming and some not, and get
@@ -25,7 +25,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +40,7 @@ from qzoom.checkpoint import load_model, model_fingerprint
 from qzoom.images import padded_to_aspect, patchify
 from qzoom.modeling import QZoomQwen2_5_VLForConditionalGeneration, QZoomSettings, gate_probability, roi_logit_map
 from qzoom.offline import OfflineQwen2_5_VLProcessor, load_processor
-from qzoom.schemas import AskOptions, check_prompt_text
+from qzoom.schemas import AskOptions, MultiBox, check_prompt_text
 
 Tensor = torch.Tensor
 KV = tuple[Tensor, Tensor]  # (kv_heads, n, head_dim) each, one layer of one sample
@@ -112,6 +112,7 @@ class SequenceState:
     max_boxes: int
     box_mode: roi.BoxMode = "union"
     roi_peak_frac: float = 0.0
+    multi_box: MultiBox = "joint"
     system_prompt: str | None = None  # None: the chat template's default (stock Qwen: "You are a helpful assistant.")
     # Tensors start empty and are filled by the steps named beside them.
     input_ids: Tensor = field(default_factory=lambda: _EMPTY_IDS)  # prepare: (n,)
@@ -126,11 +127,15 @@ class SequenceState:
     kv_all: list[KV] = field(default_factory=list)  # finish: every layer, all n tokens
     next_logits: Tensor = field(default_factory=lambda: _EMPTY)  # finish: (vocab,) logits of the first answer token
     answer_ids: list[int] = field(default_factory=list)
+    answer_logprobs: list[float] = field(default_factory=list)  # decode: log-probability of each chosen token
     answer: str = ""
     digest: str = ""  # prepare: content digest of the decoded pixels (the cache key's image part)
     cache_hits: list[str] = field(default_factory=list)  # which kinds of cached features this request reused
     gate_scores: list[float] = field(default_factory=list)
     proposals: list[Proposal] = field(default_factory=list)  # every SD-RPN map computed, for display
+    # zoom with `multi_box` "best": the same request zoomed on each of a step's other boxes, one sequence per box.
+    # finish and decode run them beside this one, and decode makes the most confident answer this state's.
+    alternatives: list[SequenceState] = field(default_factory=list)
     timings_ms: dict[str, float] = field(default_factory=dict)
 
     @property
@@ -145,6 +150,49 @@ class SequenceState:
     @property
     def zoom_steps(self) -> int:
         return max((b.step for b in self.blocks), default=0)
+
+
+def _single_box(proposal: Proposal, k: int) -> Proposal:
+    return Proposal(proposal.block, proposal.logits, proposal.prob, [proposal.grid_boxes[k]], [proposal.boxes[k]])
+
+
+def _fork(st: SequenceState) -> SequenceState:
+    """A copy of the state to zoom elsewhere: tensors are shared (the steps replace them, never write into them);
+    the lists a step appends to are its own."""
+    return replace(
+        st,
+        blocks=list(st.blocks),
+        answer_ids=[],
+        answer_logprobs=[],
+        cache_hits=[],
+        gate_scores=list(st.gate_scores),
+        proposals=list(st.proposals),
+        timings_ms={},
+        alternatives=[],
+    )
+
+
+def _with_alternatives(states: Sequence[SequenceState]) -> list[SequenceState]:
+    return [x for st in states for x in (st, *st.alternatives)]
+
+
+def _confidence(st: SequenceState) -> float:
+    """Mean log-probability of the greedy answer's tokens, the end token included (-inf before any decoding)."""
+    return sum(st.answer_logprobs) / len(st.answer_logprobs) if st.answer_logprobs else float("-inf")
+
+
+# What differs between a state and its alternatives: the sequence, its caches and its answer.
+_CANDIDATE_FIELDS = (
+    "input_ids", "embeds", "positions", "blocks", "kv_below_k", "hidden_k", "kv_all", "next_logits",
+    "answer_ids", "answer_logprobs", "answer",
+)  # fmt: skip
+
+
+def _adopt(st: SequenceState, other: SequenceState) -> None:
+    """Make `other`'s sequence and answer `st`'s."""
+    for name in _CANDIDATE_FIELDS:
+        setattr(st, name, getattr(other, name))
+    st.cache_hits += other.cache_hits
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -374,6 +422,7 @@ class QZoomEngine:
             max_boxes=max_boxes,
             box_mode=s.box_mode if opts.box_mode is None else opts.box_mode,
             roi_peak_frac=s.roi_peak_frac if opts.roi_peak_frac is None else opts.roi_peak_frac,
+            multi_box=s.multi_box if opts.multi_box is None else opts.multi_box,
             system_prompt=system_prompt,
         )
 
@@ -708,8 +757,20 @@ class QZoomEngine:
 
     def zoom(self, states: Sequence[SequenceState], proposals: Sequence[Proposal]) -> None:
         """Crop each proposal's boxes from the original image, re-encode, splice after the newest image, re-run
-        layers < K on the new tail only (reusing the prefix's cache)."""
-        work = [(st, p) for st, p in zip(states, proposals, strict=True) if p.boxes]
+        layers < K on the new tail only (reusing the prefix's cache).
+
+        With several boxes and `multi_box` "best", the state takes the first (heaviest) box alone and each other box
+        goes into a copy of the state, kept in `alternatives` (all of them run here in one batch). A later zoom step
+        continues the state's own sequence; the alternatives stay candidates as they are."""
+        work: list[tuple[SequenceState, Proposal]] = []
+        for st, p in zip(states, proposals, strict=True):
+            if st.multi_box == "best" and len(p.boxes) > 1:
+                for k in range(1, len(p.boxes)):
+                    st.alternatives.append(_fork(st))
+                    work.append((st.alternatives[-1], _single_box(p, k)))
+                p = _single_box(p, 0)
+            if p.boxes:
+                work.append((st, p))
         if not work:
             return
         with self._timed([st for st, _ in work], "zoom"), torch.inference_mode():
@@ -846,7 +907,9 @@ class QZoomEngine:
     # -- finish + decode ------------------------------------------------------------------------------------------
 
     def finish(self, states: Sequence[SequenceState]) -> None:
-        """Layers >= K over each final sequence from its saved layer-K states; logits of the first answer token."""
+        """Layers >= K over each final sequence from its saved layer-K states; logits of the first answer token.
+        A state's `alternatives` are finished in the same batch."""
+        states = _with_alternatives(states)
         if not states:
             return
         with self._timed(states, "finish"), torch.inference_mode():
@@ -858,13 +921,24 @@ class QZoomEngine:
                 st.next_logits = self.model.lm_head(self.lm.norm(h[-1:]))[0].float()
 
     def decode(self, states: Sequence[SequenceState]) -> None:
-        """Greedy decoding of one answer per sample (`options.max_new_tokens`), all samples in one batch."""
-        if not states:
+        """Greedy decoding of one answer per sample (`options.max_new_tokens`), all samples in one batch.
+
+        A state with `alternatives` (several boxes, `multi_box` "best") gets the answer of the candidate sequence
+        whose answer tokens have the highest mean log-probability (the state's own on a tie), and that candidate's
+        sequence, so the result's steps show the box the answer was read from."""
+        every = _with_alternatives(states)
+        if not every:
             return
-        with self._timed(states, "decode"):
-            texts = self.generate(states)
-        for st, text in zip(states, texts, strict=True):
+        with self._timed(every, "decode"):
+            texts = self.generate(every)
+        for st, text in zip(every, texts, strict=True):
             st.answer = text.strip()
+        for st in states:
+            if st.alternatives:
+                best = max([st, *st.alternatives], key=_confidence)
+                if best is not st:
+                    _adopt(st, best)
+                st.alternatives = []
 
     def generate(
         self,
@@ -912,12 +986,14 @@ class QZoomEngine:
             active = [True] * batch
             while True:
                 next_ids = logits.argmax(dim=-1)
+                chosen_logprobs = torch.log_softmax(logits, dim=-1).gather(1, next_ids[:, None])[:, 0]
                 feed = [False] * batch
                 for i in range(batch):
                     if not active[i]:
                         continue
                     token = int(next_ids[i])
                     generated[i].append(token)
+                    states[i].answer_logprobs.append(float(chosen_logprobs[i]))
                     text = self.processor.tokenizer.decode(generated[i][-16:], skip_special_tokens=False)
                     finished = (
                         token in self.stop_ids

@@ -34,6 +34,7 @@ from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import (
 )
 
 from qzoom.roi import BOX_MODES, BoxMode
+from qzoom.schemas import MULTI_BOX_MODES, MultiBox
 
 # Defaults of the official code (spec §1.1, §3, §5.1): τ_roi = 0.1 at build time, τ_gate = 0.1.
 DEFAULT_ROI_THRESH = 0.1
@@ -60,6 +61,9 @@ class QZoomSettings:
     # the cells below that fraction of the map's peak. A checkpoint records its own (the demo model does).
     box_mode: BoxMode = "union"
     roi_peak_frac: float = 0.0
+    # With several boxes: one sequence holding them all ("joint"), or one per box and the most confident answer
+    # ("best"). Not an official key either (the paper has one box).
+    multi_box: MultiBox = "joint"
     # The official code reads `reuse_src_pos` with default False (QZ:M25:1161); a checkpoint that wants the aligned
     # positions says so in its config (ours always write it).
     reuse_src_pos: bool = False
@@ -89,6 +93,7 @@ class QZoomSettings:
             max_boxes=int(get("max_boxes", None) or 1),
             box_mode=_box_mode(get("box_mode", None)),
             roi_peak_frac=get_float("roi_peak_frac", 0.0),
+            multi_box=_multi_box(get("multi_box", None)),
             reuse_src_pos=bool(get("reuse_src_pos", False)),
             min_pixels=get("min_pixels", None),
             max_pixels=get("max_pixels", None),
@@ -115,6 +120,15 @@ def _box_mode(value: Any) -> BoxMode:
         if value == mode:
             return mode
     raise ValueError(f"config.json box_mode must be one of {', '.join(BOX_MODES)}; got {value!r}")
+
+
+def _multi_box(value: Any) -> MultiBox:
+    if value is None:
+        return "joint"
+    for mode in MULTI_BOX_MODES:
+        if value == mode:
+            return mode
+    raise ValueError(f"config.json multi_box must be one of {', '.join(MULTI_BOX_MODES)}; got {value!r}")
 
 
 def _branch_layers(text_config: Any, count: int, first_layer_idx: int) -> nn.ModuleList:

@@ -42,6 +42,12 @@ def check_prompt_text(text: str, field: str) -> None:
             )
 
 
+# How the several boxes of one zoom step are answered (`QZoomEngine.zoom`): "joint" splices every crop into one
+# sequence; "best" gives each box its own sequence and keeps the most confident answer.
+MultiBox = Literal["joint", "best"]
+MULTI_BOX_MODES: tuple[MultiBox, ...] = ("joint", "best")
+
+
 class AskOptions(BaseModel):
     """Per-request options. `None` means "the checkpoint's value" (its config.json, else the official default)."""
 
@@ -71,6 +77,11 @@ class AskOptions(BaseModel):
         ge=0.0,
         le=1.0,
         description="cells must also reach this fraction of the map's peak (default: the checkpoint's, else 0)",
+    )
+    multi_box: MultiBox | None = Field(
+        None,
+        description="with several boxes in a step, joint: all crops in one sequence; best: one sequence per box and "
+        "the answer with the highest mean token log-probability (default: the checkpoint's, else joint)",
     )
     margin: float = Field(0.0, ge=0.0, le=1.0, description="extra border around each box, as a fraction of its side")
     max_new_tokens: int = Field(32, ge=1, le=1024, description="answer length limit in tokens")

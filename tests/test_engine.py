@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import copy
 
 import pytest
@@ -12,10 +13,12 @@ from pydantic import ValidationError
 from conftest import MAX_PIXELS, MIN_PIXELS, make_tiny_model, scene
 from qzoom import roi
 from qzoom.agent import ask, run
+from qzoom.agent.graph import stream_events
 from qzoom.engine import Proposal, QZoomEngine, SequenceState
 from qzoom.images import padded_to_aspect
 from qzoom.modeling import QZoomQwen2_5_VLForConditionalGeneration, QZoomSettings
 from qzoom.schemas import AskOptions
+from qzoom.worker import Worker
 
 BUDGET = {"min_pixels": MIN_PIXELS, "max_pixels": MAX_PIXELS}
 QUESTIONS = ["What is written in the red box?", "hi", "What colour is the sky?", "How many boxes are there?"]
@@ -267,6 +270,12 @@ def test_the_checkpoints_box_mode_is_the_default_and_a_request_overrides_it(tiny
     assert (st.box_mode, st.roi_peak_frac, st.max_boxes) == ("components", 0.5, 2)
     st = engine.new_state(images[0], "q", AskOptions(box_mode="union", roi_peak_frac=0.0))
     assert (st.box_mode, st.roi_peak_frac, st.max_boxes) == ("union", 0.0, 1)
+    assert engine.new_state(images[0], "q").multi_box == "joint"
+    config.multi_box = "best"
+    best = QZoomQwen2_5_VLForConditionalGeneration(config).eval()
+    best.load_state_dict(tiny_model.state_dict())
+    assert QZoomEngine(best, processor).new_state(images[0], "q").multi_box == "best"
+    assert QZoomEngine(best, processor).new_state(images[0], "q", AskOptions(multi_box="joint")).multi_box == "joint"
     # The heaviest component alone lies inside the paper's one box over every cell.
     opts = {"force_zoom": True, "roi_thresh": 0.1, **BUDGET}
     (heaviest,) = run_states(engine, [images[0]], [QUESTIONS[0]], AskOptions(max_boxes=1, **opts))
@@ -286,6 +295,104 @@ def test_box_settings_a_request_or_checkpoint_cannot_combine_are_refused(tiny_mo
     config.box_mode = "largest"
     with pytest.raises(ValueError, match="box_mode must be one of union, components; got 'largest'"):
         QZoomSettings.from_config(config)
+    with pytest.raises(ValidationError, match="multi_box"):
+        AskOptions(multi_box="vote")  # type: ignore[arg-type]
+    config = copy.deepcopy(tiny_model.config)
+    config.multi_box = "vote"
+    with pytest.raises(ValueError, match="multi_box must be one of joint, best; got 'vote'"):
+        QZoomSettings.from_config(config)
+
+
+def _alone(engine: QZoomEngine, image, query: str, options: AskOptions, k: int) -> SequenceState:
+    """The request zoomed on the k-th box of its proposal alone (through the engine's steps)."""
+    st = engine.new_state(image, query, options)
+    engine.prepare([st])
+    engine.encode([st])
+    engine.prefill([st])
+    (proposal,) = engine.propose([st])
+    assert len(proposal.boxes) > k
+    engine.zoom([st], [engine.proposal_from_grid_boxes(st, [proposal.grid_boxes[k]])])
+    engine.finish([st])
+    engine.decode([st])
+    return st
+
+
+def _mean_logprob(st: SequenceState) -> float:
+    return sum(st.answer_logprobs) / len(st.answer_logprobs)
+
+
+@pytest.mark.parametrize(("query", "expected_winner"), [(QUESTIONS[0], 0), (QUESTIONS[3], 1)])
+def test_multi_box_best_answers_from_the_most_confident_box(engine, images, query, expected_winner):
+    """`multi_box` "best": each box of the step in a sequence of its own, and the answer (and sequence) of the one
+    whose answer tokens have the highest mean log-probability; "joint" keeps every crop in one sequence. For the
+    second question the most confident box is not the heaviest (the first), so the choice is seen."""
+    opts = {"force_zoom": True, "roi_thresh": 0.1, "box_mode": "components", "max_boxes": 3, "max_new_tokens": 4}
+    joint_opts, best_opts = AskOptions(**opts, **BUDGET), AskOptions(**opts, multi_box="best", **BUDGET)
+    (joint,) = run_states(engine, [images[0]], [query], joint_opts)
+    boxes = [b.box for b in joint.blocks[1:]]
+    assert len(boxes) >= 2  # the map of this image has several components at τ_roi 0.1
+    alone = [_alone(engine, images[0], query, best_opts, k) for k in range(len(boxes))]
+    winner = max(range(len(alone)), key=lambda k: _mean_logprob(alone[k]))
+    assert winner == expected_winner
+    (best,) = run_states(engine, [images[0]], [query], best_opts)
+    assert len(best.blocks) == 2 and best.blocks[1].box == boxes[winner]
+    assert best.answer == alone[winner].answer and best.answer_ids == alone[winner].answer_ids
+    assert best.answer_logprobs == pytest.approx(alone[winner].answer_logprobs, abs=1e-4)
+    assert best.visual_tokens == alone[winner].visual_tokens < joint.visual_tokens
+    assert best.alternatives == []
+    # Every candidate's log-probabilities are those of its greedy tokens: at most 0, and the end token is counted.
+    assert all(lp <= 0 for st in alone for lp in st.answer_logprobs)
+    assert all(len(st.answer_logprobs) >= len(st.answer_ids) for st in alone)
+
+
+def test_multi_box_best_in_a_batch_matches_each_request_alone(engine, images):
+    opts = AskOptions(force_zoom=True, roi_thresh=0.1, box_mode="components", max_boxes=3, multi_box="best",
+                      max_new_tokens=4, **BUDGET)  # fmt: skip
+    together = run_states(engine, images[:3], QUESTIONS[:3], opts)
+    for image, query, st in zip(images[:3], QUESTIONS[:3], together, strict=True):
+        (single,) = run_states(engine, [image], [query], opts)
+        assert [b.box for b in st.blocks] == [b.box for b in single.blocks]
+        assert st.answer_ids == single.answer_ids
+
+
+def test_multi_box_best_over_several_steps_keeps_one_candidate_per_box(engine, images):
+    """Two forced steps: the second continues the heaviest box's sequence, the first step's other boxes stay one-step
+    candidates, and the answer is the most confident candidate's."""
+    opts = AskOptions(force_zoom=True, roi_thresh=0.1, box_mode="components", max_boxes=3, multi_box="best",
+                      max_steps=2, max_new_tokens=4, **BUDGET)  # fmt: skip
+    st = engine.new_state(images[0], QUESTIONS[3], opts)
+    for _ in range(2):
+        if not st.blocks:
+            engine.prepare([st])
+            engine.encode([st])
+            engine.prefill([st])
+        (proposal,) = engine.propose([st])
+        engine.zoom([st], [proposal])
+    steps = sorted(c.zoom_steps for c in (st, *st.alternatives))
+    assert steps[-1] == 2 and steps[0] == 1 and all(len(c.newest_blocks) == 1 for c in (st, *st.alternatives))
+    alternatives = list(st.alternatives)
+    engine.finish([st])
+    engine.decode([st])
+    assert st.alternatives == [] and all(a.answer_logprobs for a in alternatives)  # decoded beside the state
+    assert _mean_logprob(st) >= max(_mean_logprob(a) for a in alternatives)
+
+
+def test_the_zoom_event_lists_every_box_of_the_step(engine, images):
+    opts = AskOptions(force_zoom=True, roi_thresh=0.1, box_mode="components", max_boxes=3, multi_box="best",
+                      max_new_tokens=4, **BUDGET)  # fmt: skip
+    st = engine.new_state(images[0], QUESTIONS[0], opts)
+
+    async def events() -> list[dict]:
+        async with Worker(engine, inline=True) as worker:
+            return [e async for e in stream_events(worker, st, "r1")]
+
+    seen = asyncio.run(events())
+    (propose,) = [e for e in seen if e["step"] == "propose"]
+    (zoom,) = [e for e in seen if e["step"] == "zoom"]
+    assert len(zoom["boxes"]) == len(propose["boxes"]) >= 2
+    assert sorted(zoom["boxes"]) == sorted(propose["boxes"])
+    (chosen,) = st.blocks[1:]
+    assert chosen.box.as_list() in zoom["boxes"]
 
 
 def test_margin_grows_the_box(engine, images):

@@ -13,7 +13,8 @@
   const el = {
     form: $("ask-form"), input: $("image-input"), dropzone: $("dropzone"), imageName: $("image-name"),
     query: $("query"), forceZoom: $("force-zoom"), maxSteps: $("max-steps"), gateThresh: $("gate-thresh"),
-    roiThresh: $("roi-thresh"), maxBoxes: $("max-boxes"), boxMode: $("box-mode"), maxNewTokens: $("max-new-tokens"),
+    roiThresh: $("roi-thresh"), maxBoxes: $("max-boxes"), boxMode: $("box-mode"), multiBox: $("multi-box"),
+    maxNewTokens: $("max-new-tokens"),
     apiKey: $("api-key"), forgetKey: $("forget-key"), submit: $("submit"), cancel: $("cancel"), error: $("error"),
     status: $("server-status"), viewer: $("viewer"), empty: $("viewer-empty"), frame: $("frame"),
     preview: $("preview"), overlay: $("overlay"), heatmap: $("heatmap"), boxes: $("boxes"), legend: $("legend"),
@@ -376,7 +377,7 @@
     const options = {
       force_zoom: el.forceZoom.value, max_steps: el.maxSteps.value, gate_thresh: el.gateThresh.value,
       roi_thresh: el.roiThresh.value, max_boxes: el.maxBoxes.value, box_mode: el.boxMode.value,
-      max_new_tokens: el.maxNewTokens.value,
+      multi_box: el.multiBox.value, max_new_tokens: el.maxNewTokens.value,
     };
     // Empty means "the model's default": the field is left out and the server validates the rest.
     for (const [k, v] of Object.entries(options)) if (String(v).trim() !== "") fd.append(k, String(v).trim());
