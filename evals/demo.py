@@ -62,7 +62,9 @@ class RunStats:
     name: str
     correct: list[bool] = field(default_factory=list)
     zoomed: list[bool] = field(default_factory=list)
-    boxes: list[list[list[int]]] = field(default_factory=list)  # per item, the SD-RPN's boxes (none: [])
+    boxes: list[list[list[int]]] = field(default_factory=list)  # per item, the boxes its answer was read beside
+    # Per item, every box the SD-RPN proposed (with `multi_box` "best" the answer is read beside one of them).
+    proposed: list[list[list[int]]] = field(default_factory=list)
     visual_tokens: list[int] = field(default_factory=list)
     seconds: float = 0.0
 
@@ -115,8 +117,9 @@ class DemoReport:
         return sum(picks) / len(picks) if picks else float("nan")
 
     def rpn_hit_rate(self) -> float:
-        """Of the detail questions, the fraction where a forced-zoom box contains the target's centre."""
-        boxes = self.runs[f"forced@{self.small_budget}"].boxes
+        """Of the detail questions, the fraction where a box the SD-RPN proposed (zoom forced) contains the target's
+        centre."""
+        boxes = self.runs[f"forced@{self.small_budget}"].proposed
         hits = [
             any(box_contains_center(b, gt) for b in bs)
             for bs, gt, d in zip(boxes, self.gt_boxes, self.detail, strict=True)
@@ -125,10 +128,10 @@ class DemoReport:
         return sum(hits) / len(hits) if hits else float("nan")
 
     def rpn_box_share(self) -> float:
-        """Median share of the image that the forced-zoom boxes cover together, over the detail questions (1.0 where
-        no box was proposed). A box over the whole image contains every target's centre: the hit rate means something
-        only beside this."""
-        boxes = self.runs[f"forced@{self.small_budget}"].boxes
+        """Median share of the image that the SD-RPN's boxes (zoom forced) cover together, over the detail questions
+        (1.0 where no box was proposed). A box over the whole image contains every target's centre: the hit rate means
+        something only beside this."""
+        boxes = self.runs[f"forced@{self.small_budget}"].proposed
         shares = sorted(
             min(1.0, sum((b[2] - b[0]) * (b[3] - b[1]) for b in bs) / (w * h)) if bs else 1.0
             for bs, (w, h), d in zip(boxes, self.image_sizes, self.detail, strict=True)
@@ -248,8 +251,8 @@ def _measure_chunk(
         for item, st, res in zip(items, states, results, strict=True):
             stats.correct.append(exact_match(res.answer, item.answer))
             stats.zoomed.append(res.zoomed)
-            # The SD-RPN's boxes, whether the answer was read through all of them or one (`multi_box` "best").
-            stats.boxes.append([box.as_list() for proposal in st.proposals for box in proposal.boxes])
+            stats.boxes.append([step.box for step in res.steps])
+            stats.proposed.append([box.as_list() for proposal in st.proposals for box in proposal.boxes])
             stats.visual_tokens.append(res.visual_tokens)
 
 
@@ -345,9 +348,16 @@ def _boxes_line(config: dict[str, Any]) -> str:
     if config.get("box_mode", "union") == "union" and boxes == 1:
         return f"one box around every cell above `roi_thresh` {thresh}{floor} (the paper's box)."
     which = "the heaviest connected component" if boxes == 1 else f"the {boxes} heaviest connected components"
+    answered = ""
+    if boxes > 1:
+        answered = (
+            " Each box is zoomed in a sequence of its own and the most confident answer is kept (`multi_box` best)."
+            if config.get("multi_box") == "best"
+            else " All crops of a step go into one sequence (`multi_box` joint)."
+        )
     return (
         f"{which} of the cells above `roi_thresh` {thresh}{floor}, per zoom step (`box_mode` components; "
-        "the paper: one box around every cell above the threshold)."
+        f"the paper: one box around every cell above the threshold).{answered}"
     )
 
 

@@ -22,8 +22,8 @@ from qzoom.train.demo import DemoRecipe
 ITEMS = 70  # 50 detail questions, 20 coarse ones (the seven families round-robin)
 # Bounds below the card's numbers (300 items) by more than the sampling noise of ITEMS; measured here: see each test.
 COARSE_RIGHT = 0.70  # 75% on these items
-DETAIL_ZOOMED = 0.45  # 58% on these items
-DETAIL_GAIN = 0.35  # 52 points on these items
+DETAIL_ZOOMED = 0.55  # 68% on these items
+DETAIL_GAIN = 0.45  # 62 points on these items
 GATE_FIRES = 0.80  # 98% of 47 questions on these items
 
 
@@ -41,10 +41,11 @@ def test_the_package_ships_the_demo_model_with_its_card():
     assert config["qzoom_base_recipe"] == json.loads(json.dumps(asdict(BaseRecipe())))
     # The boxes are the recipe's (written by `qzoom train demo`), not left from a calibration or a hand edit.
     recipe = DemoRecipe()
-    assert (config["box_mode"], config["max_boxes"], config["roi_peak_frac"]) == (
+    assert (config["box_mode"], config["max_boxes"], config["roi_peak_frac"], config["multi_box"]) == (
         recipe.box_mode,
         recipe.max_boxes,
         recipe.roi_peak_frac,
+        recipe.multi_box,
     )
     # So is the gate's threshold: the last one written was chosen by the recipe's rule, and it is the one served.
     (*_, threshold) = [record["threshold"] for record in config["qzoom_training"] if "threshold" in record]
@@ -70,7 +71,7 @@ def test_the_coarse_view_fails_on_detail_and_answers_coarse_questions(report):
 
 
 def test_zooming_reads_details_the_coarse_view_cannot(report):
-    # The issue asks 85%, which this checkpoint misses (the card: 58.1% against 10.7% on the coarse view); the bound
+    # The issue asks 85%, which this checkpoint misses (the card: 64.7% against 10.7% on the coarse view); the bound
     # is what it does reach, so that a retrained checkpoint that zooms worse fails here.
     qzoom, coarse = report.accuracy("qzoom@256", "detail"), report.accuracy("coarse@256", "detail")
     assert qzoom >= DETAIL_ZOOMED and qzoom - coarse >= DETAIL_GAIN
@@ -89,7 +90,8 @@ def test_the_sd_rpn_box_holds_the_target(report):
 
 def test_zooming_costs_one_view_more_at_most_and_keeps_the_coarse_answers(report):
     # A zoom step re-encodes up to two regions (the checkpoint's `max_boxes`), each at most at the coarse view's budget
-    # and mostly far below it (small boxes), and the gate leaves about a third of the questions unzoomed: on these items
-    # 1.64x the coarse view's tokens in all (the card: 396 against 240 a question).
+    # and mostly far below it (small boxes), and the answer is read beside one of them (`multi_box` best); the gate
+    # leaves about a third of the questions unzoomed: on these items 1.50x the coarse view's tokens in the final
+    # sequences (the card: 359 against 240 a question).
     assert sum(report.runs["qzoom@256"].visual_tokens) <= 2 * sum(report.runs["coarse@256"].visual_tokens)
     assert report.accuracy("qzoom@256", "coarse") >= COARSE_RIGHT  # the card: 77.6%, here 80%

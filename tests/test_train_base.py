@@ -925,6 +925,10 @@ def test_eval_demo_measures_every_configuration_on_the_same_items(micro_dir):
     assert all(len(r.correct) == 7 and r.seconds > 0 for r in report.runs.values())
     assert report.families == ["code", "code_at", "letter", "shape", "pattern", "colour", "count"]
     assert all(report.runs["forced@256"].zoomed) and not any(report.runs["coarse@256"].zoomed)
+    # The answers were read beside boxes the SD-RPN proposed; on the ground-truth box it was not asked.
+    forced = report.runs["forced@256"]
+    assert all(b in proposed for bs, proposed in zip(forced.boxes, forced.proposed, strict=True) for b in bs)
+    assert report.runs["gt-box@256"].proposed == [[]] * len(report.detail)
     # The diagnostic zooms once on the coarse cells around the ground-truth box: its box holds the whole target.
     runs = zip(report.runs["gt-box@256"].boxes, report.gt_boxes, report.image_sizes, report.detail, strict=True)
     for boxes, gt, (w, h), detail in runs:
@@ -968,7 +972,11 @@ def test_model_card_says_how_the_checkpoint_makes_its_boxes(micro_dir, tmp_path)
     assert "one box around every cell above `roi_thresh` 0.1 (the paper's box)" in boxes_line(roi_thresh=0.1)
     line = boxes_line(roi_thresh=0.1, box_mode="components", roi_peak_frac=0.5)
     assert "the heaviest connected component of the cells above `roi_thresh` 0.1 that also reach 0.5 of" in line
-    assert "the 2 heaviest connected components" in boxes_line(roi_thresh=0.2, max_boxes=2)
+    line = boxes_line(roi_thresh=0.2, max_boxes=2)
+    assert "the 2 heaviest connected components" in line and "one sequence (`multi_box` joint)" in line
+    line = boxes_line(roi_thresh=0.2, max_boxes=2, multi_box="best")
+    assert "the most confident answer is kept (`multi_box` best)" in line
+    assert "multi_box" not in boxes_line(roi_thresh=0.1, box_mode="components", multi_box="best")  # one box: no choice
 
 
 def test_rpn_box_share_is_the_median_box_area_over_detail_questions():
@@ -977,11 +985,11 @@ def test_rpn_box_share_is_the_median_box_area_over_detail_questions():
     report.image_sizes = [(100, 100), (200, 100), (100, 100), (100, 100)]
     report.runs["forced@256"] = RunStats("forced@256")
     # 10% of the first image, the whole second one, none proposed on the third, a coarse question ignored.
-    report.runs["forced@256"].boxes = [[[0, 0, 10, 100]], [[0, 0, 200, 100]], [], [[0, 0, 1, 1]]]
+    report.runs["forced@256"].proposed = [[[0, 0, 10, 100]], [[0, 0, 200, 100]], [], [[0, 0, 1, 1]]]
     assert report.rpn_box_share() == 1.0
-    report.runs["forced@256"].boxes[1] = [[0, 0, 50, 100]]  # a quarter
+    report.runs["forced@256"].proposed[1] = [[0, 0, 50, 100]]  # a quarter
     assert report.rpn_box_share() == 0.25
-    report.runs["forced@256"].boxes[1] = [[0, 0, 50, 50], [100, 0, 200, 25]]  # two boxes: 1/8 + 1/8 of it
+    report.runs["forced@256"].proposed[1] = [[0, 0, 50, 50], [100, 0, 200, 25]]  # two boxes: 1/8 + 1/8 of it
     assert report.rpn_box_share() == 0.25
 
 
@@ -990,7 +998,7 @@ def test_rpn_hit_rate_counts_a_target_inside_any_box_of_the_step():
     report.detail = [True, True, True, False]
     report.gt_boxes = [(40, 40, 60, 60)] * 4  # centre (50, 50)
     report.runs["forced@256"] = RunStats("forced@256")
-    report.runs["forced@256"].boxes = [
+    report.runs["forced@256"].proposed = [
         [[0, 0, 10, 10], [45, 45, 55, 55]],  # the second box holds the centre
         [[0, 0, 10, 10], [70, 70, 90, 90]],  # neither does
         [],  # no box proposed
