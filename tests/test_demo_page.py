@@ -279,6 +279,22 @@ def test_a_person_asks_and_sees_steps_box_heatmap_and_answer(live, browser, tmp_
     near = [rgb.getpixel((x, y + dy)) for dy in (-2, -1, 0, 1, 2)]
     assert any(max(abs(a - b) for a, b in zip(px, BOX_STROKE, strict=True)) < 30 for px in near), near
 
+    # 5. Several boxes answered one at a time: every box is drawn, and those the answer was not read beside are
+    # marked. On this map the most confident of three boxes is the third.
+    best = api_ask(live, force_zoom="true", box_mode="components", max_boxes="3", multi_box="best")
+    (read,) = [step["box"] for step in best["steps"]]
+    page.select_option("#force-zoom", "true")
+    page.select_option("#box-mode", "components")
+    page.fill("#max-boxes", "3")
+    page.select_option("#multi-box", "best")
+    submit_and_wait(page)
+    drawn = page.eval_on_selector_all(
+        "#boxes rect.zoom-box", "els => els.map(e => [e.dataset.box, e.classList.contains('unread')])"
+    )
+    assert len(drawn) == 3 and drawn[2][0] == ",".join(map(str, read))
+    assert [unread for _, unread in drawn] == [True, True, False]
+    assert page.inner_text("#answer") == (best["answer"] or "(empty answer)")
+
     assert js_errors == []
     assert foreign == []
     page.close()

@@ -287,7 +287,15 @@
     el.answer.dataset.state = "done";
     if (typeof answerMs === "number") addStep("answer", "Answer", `decoded in ${ms(answerMs)}`);
     if (typeof result.visual_tokens === "number") el.visualTokens.textContent = String(result.visual_tokens);
-    if (Array.isArray(result.steps)) el.zoomCount.textContent = String(result.steps.length);
+    if (Array.isArray(result.steps)) {
+      el.zoomCount.textContent = String(result.steps.length);
+      // With several boxes answered one at a time (multi_box "best") the answer was read beside one of them:
+      // the boxes it was not read beside stay drawn, dashed.
+      const read = new Set(result.steps.map((step) => step.box.join(",")));
+      for (const rect of el.boxes.querySelectorAll("rect.zoom-box")) {
+        rect.classList.toggle("unread", !read.has(rect.dataset.box));
+      }
+    }
     if (result.gate_score == null && run.gates === 0) {
       const forced = el.forceZoom.value;
       el.gateScore.textContent = forced === "true" ? "not run (zoom forced)"
