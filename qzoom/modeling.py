@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 import types
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
@@ -91,9 +91,9 @@ class QZoomSettings:
             high_res_thresh=get_float("high_res_thresh", DEFAULT_GATE_THRESH),
             roi_thresh=get_float("roi_thresh", DEFAULT_ROI_THRESH),
             max_boxes=int(get("max_boxes", None) or 1),
-            box_mode=_box_mode(get("box_mode", None)),
+            box_mode=_config_choice("box_mode", get("box_mode", None), BOX_MODES),
             roi_peak_frac=get_float("roi_peak_frac", 0.0),
-            multi_box=_multi_box(get("multi_box", None)),
+            multi_box=_config_choice("multi_box", get("multi_box", None), MULTI_BOX_MODES),
             reuse_src_pos=bool(get("reuse_src_pos", False)),
             min_pixels=get("min_pixels", None),
             max_pixels=get("max_pixels", None),
@@ -113,22 +113,17 @@ class QZoomSettings:
             )
 
 
-def _box_mode(value: Any) -> BoxMode:
-    if value is None:
-        return "union"
-    for mode in BOX_MODES:
-        if value == mode:
-            return mode
-    raise ValueError(f"config.json box_mode must be one of {', '.join(BOX_MODES)}; got {value!r}")
+_Choice = TypeVar("_Choice", bound=str)
 
 
-def _multi_box(value: Any) -> MultiBox:
+def _config_choice(key: str, value: Any, choices: tuple[_Choice, ...]) -> _Choice:
+    """One of `choices` for config.json's `key`; absent (None) is the first, the paper's."""
     if value is None:
-        return "joint"
-    for mode in MULTI_BOX_MODES:
-        if value == mode:
-            return mode
-    raise ValueError(f"config.json multi_box must be one of {', '.join(MULTI_BOX_MODES)}; got {value!r}")
+        return choices[0]
+    for choice in choices:
+        if value == choice:
+            return choice
+    raise ValueError(f"config.json {key} must be one of {', '.join(choices)}; got {value!r}")
 
 
 def _branch_layers(text_config: Any, count: int, first_layer_idx: int) -> nn.ModuleList:
