@@ -681,6 +681,10 @@ def train_boxes_cmd(
     min_gain: Annotated[
         float, typer.Option(min=0.0, max=1.0, help="share of the items a later candidate must answer better")
     ] = 0.03,
+    multi_box: Annotated[
+        Literal["joint", "best"],
+        typer.Option(help="several boxes: joint (one sequence) or best (one per box, most confident answer)"),
+    ] = "joint",
     judge: Annotated[str, typer.Option(help="auto (synthetic scoring / exact match), exact, or llm")] = "auto",
     judge_model: Annotated[Path | None, typer.Option(help="chat checkpoint for --judge llm")] = None,
     data_seed: TrainDataSeed = 0,
@@ -715,8 +719,8 @@ def train_boxes_cmd(
     _quiet_transformers()
     try:
         config = BoxConfig(
-            candidates=pairs, min_gain=min_gain, batch_size=batch_size, max_new_tokens=max_new_tokens,
-            min_pixels=min_pixels, max_pixels=max_pixels, device=device,
+            candidates=pairs, min_gain=min_gain, multi_box=multi_box, batch_size=batch_size,
+            max_new_tokens=max_new_tokens, min_pixels=min_pixels, max_pixels=max_pixels, device=device,
         )  # fmt: skip
         families = tuple(sorted(DETAIL_FAMILIES))
         items = data_source(data, synthetic, seed=data_seed, families=families, min_side=min_side, max_side=max_side)
@@ -727,7 +731,10 @@ def train_boxes_cmd(
         _fail("; ".join(f"{'.'.join(map(str, e['loc'])) or 'boxes'}: {e['msg']}" for e in err.errors()))
     except (TrainingError, CheckpointError, ImageError, OSError) as err:
         _fail(str(err))
-    typer.echo(f"boxes: roi_thresh {chosen.roi_thresh:g}, {chosen.max_boxes} box(es) per step, written to {model}")
+    several = f" (answered {chosen.multi_box})" if chosen.max_boxes > 1 else ""
+    typer.echo(
+        f"boxes: roi_thresh {chosen.roi_thresh:g}, {chosen.max_boxes} box(es) per step{several}, written to {model}"
+    )
     typer.echo(json.dumps(chosen.right))
 
 

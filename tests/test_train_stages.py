@@ -79,10 +79,10 @@ def changed_keys(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor]
     return {k for k in before if not torch.equal(before[k], after[k])}
 
 
-def answers(directory: Path, items) -> list[str]:
+def answers(directory: Path, items, **options: object) -> list[str]:
     """The checkpoint loads and runs the inference steps: SD-RPN proposal, one zoom, an answer."""
     engine = QZoomEngine.from_pretrained(directory)
-    opts = AskOptions(min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS, max_new_tokens=3)
+    opts = AskOptions(min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS, max_new_tokens=3, **options)  # type: ignore[arg-type]
     states = [engine.new_state(item.image, item.question, opts) for item in items]
     engine.prepare(states)
     engine.encode(states)
@@ -806,6 +806,25 @@ def test_box_calibration_scores_the_paper_box_whatever_mode_the_checkpoint_recor
     assert (st.roi_thresh, st.max_boxes, st.box_mode, st.roi_peak_frac) == (0.1, 1, "union", 0.0)
 
 
+def test_box_calibration_answers_several_boxes_as_asked_and_records_how(stage1_dir, items, tmp_path):
+    model = tmp_path / "model"
+    shutil.copytree(stage1_dir, model, ignore=shutil.ignore_patterns("trainer"))
+    seen: list[str] = []
+
+    def record(question: str, ground_truth: str, answer_a: str, answer_b: str) -> tuple[bool, bool]:
+        seen.append(answer_a)
+        return False, False
+
+    config = BoxConfig(candidates=[(0.1, 3)], multi_box="best", **BOX_RUNTIME)
+    chosen = calibrate_boxes(model, items, config, judge=record)
+    several = {"roi_thresh": 0.1, "max_boxes": 3, "box_mode": "components", "roi_peak_frac": 0.0}
+    assert seen == answers(stage1_dir, items, multi_box="best", **several)
+    assert seen != answers(stage1_dir, items, multi_box="joint", **several)  # the two ways differ on these items
+    write_box_settings(model, chosen)
+    assert json.loads((model / "config.json").read_text())["multi_box"] == "best"
+    assert QZoomEngine.from_pretrained(model).new_state(items[0].image, items[0].question).multi_box == "best"
+
+
 def test_box_calibration_keeps_the_earlier_candidate_unless_a_later_one_gains_more_than_min_gain(stage1_dir, items):
     def always_right(question: str, ground_truth: str, answer_a: str, answer_b: str) -> tuple[bool, bool]:
         return True, True
@@ -839,11 +858,14 @@ def test_train_boxes_command(stage1_dir, items, tmp_path):
     budget = ["--min-pixels", str(MIN_PIXELS), "--max-pixels", str(MAX_PIXELS), "--max-new-tokens", "2"]
     runner = CliRunner()
     args = ["train", "boxes", str(model), "--data", str(data), "--candidates", "0.1:1,0.3:2", *budget]
-    result = runner.invoke(app, args)
+    result = runner.invoke(app, [*args, "--multi-box", "best"])
     assert result.exit_code == 0, result.output
     config_json = json.loads((model / "config.json").read_text())
     assert f"roi_thresh {config_json['roi_thresh']:g}, {config_json['max_boxes']} box(es)" in result.stdout
+    assert config_json["multi_box"] == "best"
     assert set(json.loads(result.stdout.splitlines()[-1])) == {"0.1/1", "0.3/2"}
+    result = runner.invoke(app, [*args, "--multi-box", "vote"])
+    assert result.exit_code == 2 and "--multi-box" in result.output, result.output
     for bad, message in [("0.1", "TAU:BOXES"), ("1.5:1", "τ_roi must lie in [0, 1]"), ("0.2:9", "boxes in 1..8")]:
         result = runner.invoke(app, ["train", "boxes", str(model), "--data", str(data), "--candidates", bad])
         assert result.exit_code == 2 and message in result.output, result.output

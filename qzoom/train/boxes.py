@@ -7,7 +7,8 @@ scores each answer against the item's reference answer. The candidates are taken
 first: a later one replaces the choice so far only when it answers more than ``min_gain`` of the items more right,
 so that a difference within the noise of a few items keeps the setting nearer the paper. :func:`write_box_settings`
 records the choice in the checkpoint's ``config.json`` (``roi_thresh``, ``max_boxes``, the box mode they were scored in:
-the paper's union for one box, components for more, no peak fraction; and every candidate's score in
+the paper's union for one box, components for more, no peak fraction; ``multi_box``, whether several boxes were
+answered in one sequence or one sequence each, :attr:`BoxConfig.multi_box`; and every candidate's score in
 ``qzoom_training``), from where the engine takes its defaults; a request's own ``roi_thresh`` / ``max_boxes`` still
 override them.
 
@@ -35,6 +36,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from tqdm.auto import tqdm
 
 from qzoom.roi import BoxMode
+from qzoom.schemas import MultiBox
 from qzoom.train.common import (
     TrainingError,
     TrainItem,
@@ -63,6 +65,9 @@ class BoxConfig(BaseModel):
     min_gain: float = Field(
         0.03, ge=0.0, le=1.0, description="share of the items a later candidate must answer better to be chosen"
     )
+    multi_box: MultiBox = Field(
+        "joint", description="how a candidate's several boxes are answered: joint (one sequence) or best (one each)"
+    )
     batch_size: int = Field(8, ge=1, description="items answered together")
     max_new_tokens: int = Field(32, ge=1, le=1024, description="answer length limit")
     min_pixels: int | None = Field(None, ge=784, description="lower pixel budget of each view (default: checkpoint)")
@@ -84,6 +89,7 @@ class BoxCalibration(BaseModel):
 
     roi_thresh: float
     max_boxes: int
+    multi_box: MultiBox = "joint"  # how the candidates with several boxes were answered
     items: int
     right: dict[str, int]  # "τ_roi/boxes" -> right answers
     data: str  # fingerprint of the items
@@ -128,6 +134,7 @@ def calibrate_boxes(
                 max_boxes=boxes,
                 box_mode=_mode(boxes),
                 roi_peak_frac=0.0,
+                multi_box=config.multi_box,
                 force_zoom=True,
                 min_pixels=config.min_pixels,
                 max_pixels=config.max_pixels,
@@ -149,17 +156,24 @@ def calibrate_boxes(
         if right[_key(*candidate)] > right[_key(*best)] + config.min_gain * len(items):
             best = candidate
     return BoxCalibration(
-        roi_thresh=best[0], max_boxes=best[1], items=len(items), right=right, data=items_fingerprint(items)
+        roi_thresh=best[0],
+        max_boxes=best[1],
+        multi_box=config.multi_box,
+        items=len(items),
+        right=right,
+        data=items_fingerprint(items),
     )
 
 
 def write_box_settings(model_dir: str | Path, calibration: BoxCalibration) -> Path:
     """Record the chosen ``roi_thresh`` and ``max_boxes`` (and the scores) in ``model_dir/config.json``, with the box
-    mode they were scored in (``box_mode``, ``roi_peak_frac`` 0), replacing any the checkpoint recorded before."""
+    mode and the way several boxes were answered when they were scored (``box_mode``, ``roi_peak_frac`` 0,
+    ``multi_box``), replacing any the checkpoint recorded before."""
     settings = {
         "roi_thresh": calibration.roi_thresh,
         "max_boxes": calibration.max_boxes,
         "box_mode": _mode(calibration.max_boxes),
         "roi_peak_frac": 0.0,
+        "multi_box": calibration.multi_box,
     }
     return update_config(model_dir, settings, calibration.as_record())
