@@ -158,12 +158,31 @@ def test_ask_sse_streams_steps_then_the_answer(client):
         ({"gate_thresh": "high"}, "gate_thresh"),
         ({"zoom_level": 3}, "zoom_level"),
         ({"min_pixels": 50000, "max_pixels": 4000}, "min_pixels"),
+        ({"multi_box": "vote"}, "multi_box"),
     ],
 )
 def test_bad_option_is_422_naming_the_field(client, fields, named):
     r = client.post("/ask", json={"image": base64.b64encode(PICTURE).decode(), "query": "q", **fields})
     err = assert_error(r, 422, "invalid_request")
     assert named in err["message"]
+
+
+def test_multi_box_best_as_a_form_field_answers_from_one_of_the_boxes(client):
+    """Several boxes answered one at a time: every box in the zoom event, the one the answer was read beside in the
+    result."""
+    fields = {"query": "What is written in the red box?", "force_zoom": "true", "roi_thresh": "0.1",
+              "box_mode": "components", "max_boxes": "3", "multi_box": "best"}  # fmt: skip
+    picture = png_bytes(scene(640, 480, 1))  # its map has several components at τ_roi 0.1 (PICTURE's has one)
+    r = client.post(
+        "/ask", data=fields, files={"image": ("p.png", picture, "image/png")}, headers={"Accept": "text/event-stream"}
+    )
+    assert r.status_code == 200, r.text
+    events = {}
+    for block in r.text.strip().split("\n\n"):
+        lines = dict(line.split(": ", 1) for line in block.splitlines() if not line.startswith(":"))
+        events[lines["event"]] = json.loads(lines["data"])
+    zoomed, (step,) = events["zoom"]["boxes"], events["answer"]["result"]["steps"]
+    assert len(zoomed) >= 2 and step["box"] in zoomed
 
 
 def test_unknown_field_lists_accepted_fields(client):
