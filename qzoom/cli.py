@@ -33,6 +33,10 @@ app.add_typer(eval_app, name="eval")
 train_app = typer.Typer(no_args_is_help=True, help="The Q-Zoom training stages (resumable; HF-format outputs).")
 app.add_typer(train_app, name="train")
 
+# `qzoom.schemas.MultiBox`, spelled out so that the command line starts without importing pydantic (a test keeps the
+# two equal).
+MultiBoxChoice = Literal["joint", "best"]
+
 
 def _fail(message: str) -> NoReturn:
     typer.echo(f"error: {message}", err=True)
@@ -86,7 +90,7 @@ def ask(
         float | None, typer.Option(min=0.0, max=1.0, help="keep cells above this fraction of the peak [checkpoint]")
     ] = None,
     multi_box: Annotated[
-        Literal["joint", "best"] | None,
+        MultiBoxChoice | None,
         typer.Option(
             help="several boxes: joint, all in one sequence; best, the most confident of one per box [checkpoint]"
         ),
@@ -682,7 +686,7 @@ def train_boxes_cmd(
         float, typer.Option(min=0.0, max=1.0, help="share of the items a later candidate must answer better")
     ] = 0.03,
     multi_box: Annotated[
-        Literal["joint", "best"],
+        MultiBoxChoice,
         typer.Option(help="several boxes: joint (one sequence) or best (one per box, most confident answer)"),
     ] = "joint",
     judge: Annotated[str, typer.Option(help="auto (synthetic scoring / exact match), exact, or llm")] = "auto",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+from typing import get_args
 
 import pytest
 import torch
@@ -372,6 +373,13 @@ def test_multi_box_best_over_several_steps_keeps_one_candidate_per_box(engine, i
     engine.decode([st])
     assert st.alternatives == [] and all(a.answer_logprobs for a in alternatives)  # decoded beside the state
     assert _mean_logprob(st) >= max(_mean_logprob(a) for a in alternatives)
+
+
+def test_the_command_line_offers_every_multi_box_mode():
+    from qzoom.cli import MultiBoxChoice
+    from qzoom.schemas import MULTI_BOX_MODES, MultiBox
+
+    assert get_args(MultiBoxChoice) == get_args(MultiBox) == MULTI_BOX_MODES
 
 
 def test_the_zoom_event_lists_every_box_of_the_step(engine, images):
