@@ -6,6 +6,7 @@
     qzoom init-tiny DIR                  write a tiny random Q-Zoom checkpoint to try the pipeline with
     qzoom bench engine                   gate-closed vs stock generate, KV-reuse vs recompute (ratios in one run)
     qzoom bench followup                 a follow-up question vs a cold one, from L1 and from Redis (L2)
+    qzoom eval bench NAME --data DIR     a public benchmark (or synthetic) through the graph; --sweep: Pareto grid
     qzoom train stage1|stage2|stage3 MODEL OUT (--data FILE.jsonl | --synthetic N)   the Q-Zoom training stages
     qzoom train gate-threshold MODEL (--data FILE.jsonl | --synthetic N)   choose τ_gate on labelled items
 
@@ -240,6 +241,79 @@ def eval_demo(
         typer.echo(f"wrote {path}", err=True)
     if plot is not None:
         typer.echo(f"wrote {plot_pareto(report, plot)}", err=True)
+
+
+def _int_list(option: str, text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        _fail(f"{option} takes comma-separated token budgets such as 576,1024; got {text!r}")
+    if not values or min(values) < 1:
+        _fail(f"{option} takes positive token budgets such as 576,1024; got {text!r}")
+    return values
+
+
+@eval_app.command("bench")
+def eval_bench(
+    name: Annotated[
+        str,
+        typer.Argument(
+            help="textvqa, chartqa, docvqa, infovqa, ocrbench, vstar, hrbench4k, "
+            "hrbench8k, mme-realworld-lite or synthetic"
+        ),
+    ],
+    data: Annotated[Path | None, typer.Option(help="the benchmark's downloaded files (docs/benchmarks.md)")] = None,
+    model: Annotated[str | None, typer.Option("--model", "-m", help=MODEL_HELP)] = None,
+    out: Annotated[Path | None, typer.Option(help="results folder (resumable) [default: runs/bench-NAME]")] = None,
+    limit: Annotated[int | None, typer.Option(min=1, help="the first N questions only")] = None,
+    sweep: Annotated[bool, typer.Option("--sweep", help="the paper's budget grid (no zoom and Q-Zoom)")] = False,
+    methods: Annotated[str | None, typer.Option(help="comma-separated: baseline, qzoom, vicrop, oracle")] = None,
+    baseline_budgets: Annotated[str, typer.Option(help="no-zoom budgets (paper tokens)")] = "576,1024,2048,4096",
+    qzoom_budgets: Annotated[
+        str | None,
+        typer.Option(help="zoom budgets (paper tokens) [--sweep: 256,384,576,1024,2048,4096; else the family's]"),
+    ] = None,
+    scale: Annotated[float, typer.Option(help="multiply every budget (a smaller model's scale)")] = 1.0,
+    batch_size: Annotated[int, typer.Option(min=1, help="requests per engine call")] = 8,
+    shuffles: Annotated[
+        int | None, typer.Option(min=1, help="option orders per multiple-choice question (Avg@k)")
+    ] = None,
+    paper_suffix: Annotated[bool, typer.Option(help="append the paper's answer-format suffix to prompts")] = True,
+) -> None:
+    """One of the paper's benchmarks (or the synthetic one) through the Q-Zoom graph: its own metric, samples/s,
+    visual tokens, latency and gate rate per configuration; --sweep runs the paper's budget grid and draws the
+    Pareto plots."""
+    from qzoom.evals import benchmarks
+    from qzoom.evals import sweep as sw
+    from qzoom.evals.demo import uncached_engine
+    from qzoom.settings import get_settings
+
+    _quiet_transformers()
+    try:
+        bench = benchmarks.get(name)
+        samples = benchmarks.load(name, data, limit=limit, shuffles=shuffles, paper_suffix=paper_suffix)
+        chosen = methods.split(",") if methods else (["baseline", "qzoom"] if sweep else ["qzoom"])
+        default_qz = "256,384,576,1024,2048,4096" if sweep else str(sw.FAMILY_DEFAULT_BUDGET[bench.family])
+        configs = sw.paper_configs(
+            bench,
+            methods=[m.strip() for m in chosen],
+            scale=scale,
+            baseline_budgets=_int_list("--baseline-budgets", baseline_budgets),
+            qzoom_budgets=_int_list("--qzoom-budgets", qzoom_budgets or default_qz),
+        )
+        engine = uncached_engine(_model_dir(model, get_settings()))
+        sw.evaluate_benchmark(
+            engine,
+            bench,
+            samples,
+            configs,
+            out or Path("runs") / f"bench-{name}",
+            batch_size=batch_size,
+            total=limit,
+            echo=typer.echo,
+        )
+    except (benchmarks.BenchmarkDataError, sw.SweepError) as error:
+        _fail(str(error))
 
 
 @eval_app.command("tower-probe")
