@@ -2,9 +2,10 @@
 
 Lifespan: the server starts answering at once (`/healthz` 200, `/readyz` 503) while a background task builds the
 FeatureCache (`QZOOM_REDIS_URL`), the engine (`settings.model_dir()`: QZOOM_MODEL, else the shipped qzoom-tiny;
-or `engine_factory(settings, cache)` in tests), starts one `Worker` on its device thread and runs one tiny warm-up
-request; only then does `/readyz` turn 200 and `/ask` accept work. A load failure (a missing model included) is
-logged and reported by `/readyz` (503 with the error). Shutdown stops the worker and closes the cache.
+or `engine_factory(settings, cache)` in tests), starts one `Worker` on its device thread (or takes the one
+`worker_factory(settings, cache)` returns: the seam where `service.ray_serve` plugs in its Ray Serve worker) and runs
+one tiny warm-up request; only then does `/readyz` turn 200 and `/ask` accept work. A load failure (a missing model
+included) is logged and reported by `/readyz` (503 with the error). Shutdown stops the worker and closes the cache.
 
 Process-wide effects (one app per process is the deployment): Pillow's `Image.MAX_IMAGE_PIXELS` is set to
 `QZOOM_MAX_PIXELS_IN` and `DecompressionBombWarning` becomes an error, both restored at shutdown.
@@ -17,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import warnings
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 
 from fastapi import Depends, FastAPI
@@ -41,6 +42,8 @@ from .middleware import BodyLimitMiddleware
 log = logging.getLogger(__name__)
 
 EngineFactory = Callable[[Settings, FeatureCache], QZoomEngine]
+# A started worker whose steps run elsewhere (the Ray Serve backend); the engine factory is then unused.
+WorkerFactory = Callable[[Settings, FeatureCache], Awaitable[Worker]]
 
 
 def default_engine_factory(settings: Settings, cache: FeatureCache) -> QZoomEngine:
@@ -50,18 +53,27 @@ def default_engine_factory(settings: Settings, cache: FeatureCache) -> QZoomEngi
     )
 
 
-async def _load(state: ServiceState, factory: EngineFactory) -> None:
+async def _local_worker(s: Settings, cache: FeatureCache, factory: EngineFactory) -> Worker:
+    # Loading weights takes seconds to minutes: off the event loop, so health checks keep answering.
+    engine = await run_in_threadpool(factory, s, cache)
+    worker = Worker(
+        engine, max_pending=s.max_pending, max_batch=s.max_batch,
+        batch_window_ms=s.batch_window_ms, retry_after_s=s.retry_after_s,
+    )  # fmt: skip
+    await worker.start()
+    return worker
+
+
+async def _load(state: ServiceState, factory: EngineFactory, worker_factory: WorkerFactory | None) -> None:
     """Build cache, engine and worker, warm up, then mark ready (runs as a task beside the server)."""
     s = state.settings
     try:
         state.cache = FeatureCache.from_url(s.redis_url, s.cache_l1_mb * MiB, s.cache_ttl_s, s.cache_max_value_mb * MiB)
-        # Loading weights takes seconds to minutes: off the event loop, so health checks keep answering.
-        engine = await run_in_threadpool(factory, s, state.cache)
-        worker = Worker(
-            engine, max_pending=s.max_pending, max_batch=s.max_batch,
-            batch_window_ms=s.batch_window_ms, retry_after_s=s.retry_after_s,
-        )  # fmt: skip
-        await worker.start()
+        if worker_factory is not None:
+            worker = await worker_factory(s, state.cache)
+        else:
+            worker = await _local_worker(s, state.cache, factory)
+        engine = worker.engine
         state.worker = worker
         # One tiny request through the whole graph compiles kernels and fills allocator pools before traffic.
         await ask_one(worker, Image.new("RGB", (56, 56), (127, 127, 127)), "warm-up", AskOptions(max_new_tokens=1))
@@ -75,8 +87,13 @@ async def _load(state: ServiceState, factory: EngineFactory) -> None:
         log.exception("loading the model failed")
 
 
-def create_app(engine_factory: EngineFactory | None = None, settings: Settings | None = None) -> FastAPI:
-    """The service app; without `engine_factory` it loads `settings.model_dir()` (QZOOM_MODEL or qzoom-tiny)."""
+def create_app(
+    engine_factory: EngineFactory | None = None,
+    settings: Settings | None = None,
+    worker_factory: WorkerFactory | None = None,
+) -> FastAPI:
+    """The service app; without `engine_factory` it loads `settings.model_dir()` (QZOOM_MODEL or qzoom-tiny), and
+    with `worker_factory` it serves through the worker that returns instead of loading a model itself."""
     settings = settings or get_settings()
     factory = engine_factory or default_engine_factory
 
@@ -89,7 +106,7 @@ def create_app(engine_factory: EngineFactory | None = None, settings: Settings |
         Image.MAX_IMAGE_PIXELS = settings.max_pixels_in
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            state.loader = asyncio.create_task(_load(state, factory), name="qzoom-load")
+            state.loader = asyncio.create_task(_load(state, factory, worker_factory), name="qzoom-load")
             try:
                 # A mounted app's own lifespan never runs: the MCP session manager is entered here.
                 async with mcp_server.session_manager.run():
