@@ -138,7 +138,8 @@ class QZoomWorker:
             self.engine, max_pending=s.max_pending, max_batch=s.max_batch,
             batch_window_ms=s.batch_window_ms, retry_after_s=s.retry_after_s,
         )  # fmt: skip
-        self.replica = serve.get_replica_context().replica_id.unique_id
+        # The replica actor's name in the "serve" namespace: logs, metrics and tests name a replica by it.
+        self.replica = serve.get_replica_context().replica_id.to_full_id_str()
 
     async def describe(self) -> EngineView:
         return EngineView(self.engine)
@@ -188,6 +189,7 @@ class RemoteWorker(Worker):
         self.handle = handle
         self.retries = 0  # steps sent a second time because their replica died
         self.served_by: dict[str, int] = {}  # replica id -> steps it ran for this ingress
+        self.caches: dict[str, dict[str, Any]] = {}  # replica id -> its feature-cache counters at its latest reply
 
     async def start(self) -> None:
         return None  # nothing runs here; the replicas start their own workers
@@ -212,6 +214,7 @@ class RemoteWorker(Worker):
             raise reply
         state.__dict__.update(reply.state.__dict__)
         self.served_by[reply.replica] = self.served_by.get(reply.replica, 0) + 1
+        self.caches[reply.replica] = reply.cache
         self.stats.batches[step] += 1
         self.stats.batched_calls[step] += 1
         return reply.result
