@@ -152,7 +152,7 @@ class QZoomWorker:
     async def stats(self) -> dict[str, Any]:
         return {"replica": self.replica, "cache": self.cache.stats()}
 
-    @serve.multiplexed(max_num_models_per_replica=64)
+    @serve.multiplexed(max_num_models_per_replica=64)  # type: ignore[untyped-decorator]  # ray's is untyped
     async def _note_image(self, digest: str) -> str:
         # Nothing to load: the features are computed (or read from Redis) by the step itself. Noting the id is what
         # tells the routers that follow-ups on this image belong here.
@@ -184,7 +184,9 @@ class RemoteWorker(Worker):
     their own concurrency with `max_ongoing_requests` and Serve queues the rest.
     """
 
-    def __init__(self, handle: DeploymentHandle, view: EngineView, *, max_pending: int, retry_after_s: float) -> None:
+    def __init__(
+        self, handle: DeploymentHandle[Any], view: EngineView, *, max_pending: int, retry_after_s: float
+    ) -> None:
         super().__init__(view, max_pending=max_pending, retry_after_s=retry_after_s)
         self.handle = handle
         self.retries = 0  # steps sent a second time because their replica died
@@ -262,14 +264,13 @@ def build_app(args: dict[str, Any] | RayAppArgs | None = None) -> Application:
             "target_ongoing_requests": a.target_ongoing_requests,
         }
     worker = serve.deployment(
-        QZoomWorker,
         name=WORKER_DEPLOYMENT,
         ray_actor_options={"num_gpus": a.num_gpus, "num_cpus": a.num_cpus},
         max_ongoing_requests=a.max_ongoing_requests,
         graceful_shutdown_wait_loop_s=1.0,
         graceful_shutdown_timeout_s=60.0,
         **scale,
-    )
+    )(QZoomWorker)
 
     def asgi_app() -> FastAPI:
         # Evaluated on the ingress replica (Serve's builder form of `serve.ingress`): its settings come from that
@@ -284,10 +285,9 @@ def build_app(args: dict[str, Any] | RayAppArgs | None = None) -> Application:
         return create_app(settings=settings, worker_factory=remote_worker)
 
     ingress = serve.deployment(
-        serve.ingress(asgi_app)(),
         name=INGRESS_DEPLOYMENT,
         ray_actor_options={"num_cpus": 0.5},
         max_ongoing_requests=256,  # requests mostly wait on worker steps; the app's own max_pending bounds them
         graceful_shutdown_timeout_s=60.0,
-    )
+    )(serve.ingress(asgi_app)())
     return ingress.bind(worker.bind(overrides))
