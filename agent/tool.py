@@ -21,8 +21,10 @@ from pathlib import Path
 
 from PIL import Image
 
+from qzoom.admission import Budget, Cost
 from qzoom.cache import image_digest
 from qzoom.engine import Proposal
+from qzoom.guards import probe_image
 from qzoom.images import load_image
 from qzoom.roi import PixelBox
 from qzoom.schemas import AskOptions
@@ -39,20 +41,27 @@ class UnknownImage(KeyError):
 
 
 class ImageStore:
-    """Images by content id (blake2b of the decoded pixels), LRU-bounded: upload once, zoom many times."""
+    """Images by content id (blake2b of the decoded pixels), LRU-bounded by count and by decoded bytes (RGB, 3 per
+    pixel): upload once, zoom many times."""
 
-    def __init__(self, max_images: int = 256) -> None:
+    def __init__(self, max_images: int = 256, max_bytes: int = 1 << 30) -> None:
         self.max_images = max_images
+        self.max_bytes = max_bytes
         self._images: OrderedDict[str, Image.Image] = OrderedDict()
+        self._bytes = 0
         self._lock = threading.Lock()
 
     def put(self, image: Image.Image) -> str:
         image_id = image_digest(image)
         with self._lock:
+            old = self._images.pop(image_id, None)
+            if old is not None:
+                self._bytes -= old.width * old.height * 3
             self._images[image_id] = image
-            self._images.move_to_end(image_id)
-            while len(self._images) > self.max_images:
-                self._images.popitem(last=False)
+            self._bytes += image.width * image.height * 3
+            while len(self._images) > 1 and (len(self._images) > self.max_images or self._bytes > self.max_bytes):
+                _, gone = self._images.popitem(last=False)
+                self._bytes -= gone.width * gone.height * 3
         return image_id
 
     def get(self, image_id: str) -> Image.Image:
@@ -73,10 +82,22 @@ def png_b64(image: Image.Image) -> str:
 class ZoomToolRunner:
     """Runs `zoom` tool calls against a started `Worker` (the SD-RPN and gate run on its device thread)."""
 
-    def __init__(self, worker: Worker, images: ImageStore | None = None, *, allow_image_path: bool = False) -> None:
+    def __init__(
+        self,
+        worker: Worker,
+        images: ImageStore | None = None,
+        *,
+        allow_image_path: bool = False,
+        max_pixels: int | None = None,
+        budget: Budget | None = None,
+    ) -> None:
         self.worker = worker
         self.images = images or ImageStore()
         self.allow_image_path = allow_image_path  # only the local stdio MCP server reads files
+        # The guards of every entry point (qzoom.guards): the pixel cap (None: QZOOM_MAX_PIXELS_IN), and the
+        # service's image-memory budget held while an image is decoded.
+        self.max_pixels = max_pixels
+        self.budget = budget
 
     def parse(self, arguments: dict[str, object]) -> ZoomArgs:
         """Validate raw tool arguments (ValidationError names each bad field and what is accepted)."""
@@ -86,12 +107,19 @@ class ZoomToolRunner:
         if args.image_id is not None:
             return self.images.get(args.image_id)
         data = args.image_bytes()
+        source: bytes | Path
         if data is not None:
-            return load_image(data)
-        assert args.image_path is not None  # ZoomArgs guarantees exactly one image source
-        if not self.allow_image_path:
-            raise PermissionError("image_path is accepted only by the local stdio server")
-        return load_image(Path(args.image_path).expanduser())
+            source = data
+        else:
+            assert args.image_path is not None  # ZoomArgs guarantees exactly one image source
+            if not self.allow_image_path:
+                raise PermissionError("image_path is accepted only by the local stdio server")
+            source = Path(args.image_path).expanduser()
+        if self.budget is None:
+            return load_image(source, self.max_pixels)
+        header = probe_image(source, self.max_pixels)
+        with self.budget.admit(Cost(0, header.decode_bytes)):
+            return load_image(source, self.max_pixels)
 
     async def zoom(self, args: ZoomArgs) -> ZoomResult:
         image = self.load(args)

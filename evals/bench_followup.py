@@ -17,6 +17,7 @@ Qwen2.5-VL-7B (`bench_engine.build_engine`); images are 1024x768 at a 576-token 
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -73,7 +74,7 @@ from qzoom.engine import QZoomEngine
 from qzoom.evals.bench_followup import bench_image_seeded, FIRST, SECOND
 from qzoom.schemas import AskOptions
 model_dir, url, repeats, opts_json, seen0, unseen0 = sys.argv[1:7]
-engine = QZoomEngine.from_pretrained(model_dir, cache=FeatureCache.from_url(url))
+engine = QZoomEngine.from_pretrained(model_dir, cache=FeatureCache.from_url(url, secret=bytes.fromhex(sys.argv[7])))
 opts = AskOptions.model_validate_json(opts_json)
 def ask(seed, query):
     st = engine.new_state(bench_image_seeded(seed), query, opts)
@@ -140,12 +141,14 @@ def run_followup_benchmark(
     try:
         with tempfile.TemporaryDirectory() as tmp:
             model_dir = save_checkpoint(engine.model, engine.processor, Path(tmp) / engine.name)
-            parent = QZoomEngine.from_pretrained(model_dir, cache=FeatureCache.from_url(redis_url))
+            # Replicas share Redis values only when they share the HMAC secret (QZOOM_CACHE_SECRET).
+            secret = os.urandom(16)
+            parent = QZoomEngine.from_pretrained(model_dir, cache=FeatureCache.from_url(redis_url, secret=secret))
             for s, (name, opts) in enumerate(scenarios(tokens, new_tokens).items()):
                 seen0, unseen0 = 30_000 + 100 * s, 40_000 + 100 * s
                 for r in range(repeats):
                     _ask(parent, seen0 + r, FIRST, opts)  # fills Redis for the images the child follows up on
-                args = [model_dir, redis_url, repeats, opts.model_dump_json(), seen0, unseen0]
+                args = [model_dir, redis_url, repeats, opts.model_dump_json(), seen0, unseen0, secret.hex()]
                 out = subprocess.run(
                     [sys.executable, "-c", textwrap.dedent(_CHILD), *map(str, args)],
                     capture_output=True,

@@ -15,6 +15,13 @@ Contract (DESIGN.md "The worker and the cache", ecosystem spec §4):
   tensors as they are, possibly on the GPU), then L2 (`RedisL2`, optional, shared by processes); an L2 hit is
   moved to the device and promoted into L1. `put` writes L1 always and L2 when configured (with a TTL, and only
   values up to a size cap). Returned tensors are shared with the cache: treat them as read-only.
+- L2 values are authenticated: Redis holds `HMAC-SHA256(secret, key || value) || value`, and a value whose tag does
+  not verify (written by anyone without the secret, or moved to another key) is dropped, deleted and counted in
+  `stats()["forged"]`, never decoded. The secret is `QZOOM_CACHE_SECRET`; without it each process draws a random one
+  at import, so its Redis values are its own (replicas share L2 entries only when they share the secret).
+- Tenancy (`set_scope`): with `QZOOM_TENANT_SCOPE` the service marks each request's image with a scope derived from
+  its API key, which `image_digest` mixes in: one key's entries (and image ids) are invisible to, and never hit
+  for, another.
 - It fails open: a Redis that is down, slow, full or answering garbage costs a recompute, is counted in
   `stats()` and logged (once per burst), and never raises. A restarted Redis is picked up again by later calls.
   Without a Redis URL the L1 alone serves.
@@ -27,8 +34,10 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import hmac
 import json
 import logging
+import os
 import re
 import threading
 import time
@@ -69,6 +78,45 @@ class CacheCorrupt(ValueError):
     """Bytes that are not a value this code wrote for this key (truncated, foreign, other schema, other key)."""
 
 
+class CacheForged(CacheCorrupt):
+    """A Redis value whose HMAC tag does not verify: not written by a holder of the secret for this key."""
+
+
+# Used when no secret is configured: values stay private to this process (see the module docstring).
+_PROCESS_SECRET = os.urandom(32)
+_TAG_BYTES = 32
+
+
+def sign(secret: bytes, key: str, value: bytes) -> bytes:
+    """`value` prefixed with its tag, HMAC-SHA256 over the key's length, the key and the value."""
+    k = key.encode()
+    tag = hmac.new(secret, len(k).to_bytes(4, "big") + k + value, hashlib.sha256).digest()
+    return tag + value
+
+
+def verify(secret: bytes, key: str, signed: bytes) -> bytes:
+    """The value inside `signed` when its tag verifies for `key`, else `CacheForged`."""
+    tag, value = signed[:_TAG_BYTES], signed[_TAG_BYTES:]
+    if len(tag) != _TAG_BYTES or not hmac.compare_digest(sign(secret, key, value)[:_TAG_BYTES], tag):
+        raise CacheForged("the value's HMAC does not verify for this key")
+    return value
+
+
+# The tenant an image belongs to, carried in its `info` (Pillow copies `info` into crops, resizes and conversions, so
+# every view cut from the image inherits it). `image_digest` mixes it in: set, the same pixels get another digest per
+# tenant, hence other cache keys and other image ids. `qzoom.images.load_image` drops any value a file brings along.
+SCOPE_INFO = "qzoom_scope"
+
+
+def set_scope(image: Image.Image, scope: str | None) -> Image.Image:
+    """Mark `image` (in place) as belonging to `scope` (None: shared by everyone)."""
+    if scope:
+        image.info[SCOPE_INFO] = scope
+    else:
+        image.info.pop(SCOPE_INFO, None)
+    return image
+
+
 # -- keys ---------------------------------------------------------------------------------------------------------
 
 
@@ -80,10 +128,13 @@ def image_digest(image: Image.Image) -> str:
     would let one user's image answer another's question. Palette images are expanded first, since their raw
     bytes are indices whose meaning depends on the palette.
     """
+    scope = image.info.get(SCOPE_INFO)
     if image.mode in ("P", "PA"):
         image = image.convert("RGBA")
     h = hashlib.blake2b(digest_size=16)
     h.update(f"qzoom-pixels-v1\0{image.mode}\0{image.width}x{image.height}\0".encode())
+    if scope:
+        h.update(f"scope\0{scope}\0".encode())
     h.update(image.tobytes())
     return h.hexdigest()
 
@@ -475,12 +526,14 @@ class RedisL2:
 class FeatureCache:
     """L1 then (optionally) L2; what the engine talks to. See the module docstring for the contract."""
 
-    def __init__(self, l1: L1Cache, l2: RedisL2 | None = None) -> None:
+    def __init__(self, l1: L1Cache, l2: RedisL2 | None = None, secret: bytes | None = None) -> None:
         self.l1 = l1
         self.l2 = l2
+        self.secret = secret or _PROCESS_SECRET
         self._lock = threading.Lock()
         self._kinds: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
         self.corrupt = 0
+        self.forged = 0
 
     @classmethod
     def from_url(
@@ -492,9 +545,11 @@ class FeatureCache:
         *,
         socket_timeout_s: float = 0.5,
         retry_after_s: float = 1.0,
+        secret: bytes | None = None,
     ) -> FeatureCache:
-        """From settings (`QZOOM_REDIS_URL`, `QZOOM_CACHE_*`); without a URL, L1 only. A malformed URL raises
-        ValueError here (a configuration error worth failing at startup); an unreachable one does not."""
+        """From settings (`QZOOM_REDIS_URL`, `QZOOM_CACHE_*`, `QZOOM_CACHE_SECRET` as `secret`); without a URL, L1
+        only. A malformed URL raises ValueError here (a configuration error worth failing at startup); an unreachable
+        one does not."""
         l2 = None
         if redis_url:
             l2 = RedisL2.from_url(
@@ -504,7 +559,7 @@ class FeatureCache:
                 socket_timeout_s=socket_timeout_s,
                 retry_after_s=retry_after_s,
             )
-        return cls(L1Cache(l1_bytes), l2)
+        return cls(L1Cache(l1_bytes), l2, secret)
 
     def _count(self, key: str, name: str) -> None:
         with self._lock:
@@ -520,10 +575,11 @@ class FeatureCache:
             data = self.l2.get(key)
             if data is not None:
                 try:
-                    tensors = decode(data, {META_KEY: key})
+                    tensors = decode(verify(self.secret, key, data), {META_KEY: key})
                 except CacheCorrupt as exc:
                     with self._lock:
                         self.corrupt += 1
+                        self.forged += isinstance(exc, CacheForged)
                     log.warning("feature cache: dropping an unreadable Redis value for %s: %s", key, exc)
                     self.l2.delete(key)
                 else:
@@ -545,7 +601,7 @@ class FeatureCache:
         # Decide on size before encoding: a too-large GPU value should not even be copied to the host.
         if not self.l2.fits(sum(t.nbytes for t in tensors.values())):
             return
-        self.l2.set(key, encode(tensors, {**(meta or {}), META_KEY: key}))
+        self.l2.set(key, sign(self.secret, key, encode(tensors, {**(meta or {}), META_KEY: key})))
 
     def close(self) -> None:
         if self.l2 is not None:
@@ -556,11 +612,13 @@ class FeatureCache:
         with self._lock:
             kinds = {kind: dict(counts) for kind, counts in self._kinds.items()}
             corrupt = self.corrupt
+            forged = self.forged
         return {
             "l1": self.l1.stats(),
             "l2": self.l2.stats() if self.l2 is not None else None,
             "kinds": kinds,
             "corrupt": corrupt,
+            "forged": forged,
         }
 
 

@@ -6,11 +6,15 @@
     qzoom init-tiny DIR                  write a tiny random Q-Zoom checkpoint to try the pipeline with
     qzoom bench engine                   gate-closed vs stock generate, KV-reuse vs recompute (ratios in one run)
     qzoom bench followup                 a follow-up question vs a cold one, from L1 and from Redis (L2)
+    qzoom bench abuse                    the hostile set: 5xx count, peak RSS over baseline, worst cost ratio
     qzoom eval bench NAME --data DIR     a public benchmark (or synthetic) through the graph; --sweep: Pareto grid
     qzoom train stage1|stage2|stage3 MODEL OUT (--data FILE.jsonl | --synthetic N)   the Q-Zoom training stages
     qzoom train gate-threshold MODEL (--data FILE.jsonl | --synthetic N)   choose τ_gate on labelled items
 
 `qzoom ask --json` prints exactly one JSON object, the contract of DESIGN.md; everything else goes to stderr.
+Every error a user can cause (a bad option value, an image over the pixel cap or not an image, an empty question, a
+device this machine lacks, a bad QZOOM_* setting) is one line on stderr, `error: ...`, and exit status 2, found
+before any model loads (`OneLineErrors` for Click's own usage errors, `_fail` for ours).
 """
 
 from __future__ import annotations
@@ -21,12 +25,51 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal, NoReturn
 
 import typer
+from typer.core import TyperGroup
 
 if TYPE_CHECKING:
     from qzoom.settings import Settings
     from qzoom.train.labels import Judge
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="Query-aware zooming for multimodal LLMs (Q-Zoom).")
+
+class OneLineErrors(TyperGroup):
+    """The root command: Typer's usage errors (a bad option value, a missing argument, an unknown option) become one
+    line on stderr with exit 2, like every other user error of this CLI, instead of a framed usage block."""
+
+    def main(
+        self,
+        args: Sequence[str] | None = None,
+        prog_name: str | None = None,
+        complete_var: str | None = None,
+        standalone_mode: bool = True,
+        windows_expand_args: bool = True,
+        **extra: Any,
+    ) -> Any:
+        if not standalone_mode:  # a caller handling errors itself gets them as Typer raises them
+            return super().main(args, prog_name, complete_var, False, windows_expand_args, **extra)
+        try:
+            rv = super().main(args, prog_name, complete_var, False, windows_expand_args, **extra)
+        except typer.TyperException as err:  # Typer's (vendored Click's) ClickException and its usage errors
+            if type(err).__name__ == "NoArgsIsHelpError":  # `qzoom` alone: the help, as Typer prints it
+                typer.echo(err.format_message(), err=True)
+                sys.exit(2)
+            ctx = getattr(err, "ctx", None)
+            where = f"; see `{ctx.command_path} --help`" if ctx is not None else ""
+            message = " ".join(err.format_message().split())
+            typer.echo(f"error: {message}{where}", err=True)
+            sys.exit(err.exit_code)
+        except typer.Abort:
+            typer.echo("aborted", err=True)
+            sys.exit(1)
+        sys.exit(rv if isinstance(rv, int) else 0)
+
+
+app = typer.Typer(
+    cls=OneLineErrors,
+    add_completion=False,
+    no_args_is_help=True,
+    help="Query-aware zooming for multimodal LLMs (Q-Zoom).",
+)
 bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks that print ratios measured side by side in one run.")
 app.add_typer(bench_app, name="bench")
 eval_app = typer.Typer(no_args_is_help=True, help="The synthetic high-res benchmark and evaluations.")
@@ -42,6 +85,26 @@ MultiBoxChoice = Literal["joint", "best"]
 def _fail(message: str) -> NoReturn:
     typer.echo(f"error: {message}", err=True)
     raise typer.Exit(code=2)
+
+
+def _settings() -> Settings:
+    """The QZOOM_* settings; a bad value ends the command with one line naming it."""
+    from pydantic import ValidationError
+
+    from qzoom.settings import get_settings
+
+    try:
+        return get_settings()
+    except ValidationError as err:
+        _fail("; ".join(f"QZOOM_{'_'.join(map(str, e['loc'])).upper()}: {e['msg']}" for e in err.errors()))
+
+
+def _device(settings: Settings) -> Any:
+    """The torch device of `settings`; one that does not exist here ends the command with its reason."""
+    try:
+        return settings.torch_device()
+    except ValueError as err:
+        _fail(str(err))
 
 
 def _quiet_transformers() -> None:
@@ -101,21 +164,26 @@ def ask(
     device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1, ... [env QZOOM_DEVICE]")] = None,
 ) -> None:
     """Answer QUERY about IMAGE, zooming where the question needs detail."""
+    import warnings
+
+    from PIL import Image
     from pydantic import ValidationError
 
-    from qzoom.agent import result, run
-    from qzoom.checkpoint import CheckpointError
-    from qzoom.engine import QZoomEngine
-    from qzoom.images import ImageError, load_image
-    from qzoom.schemas import AskOptions
-    from qzoom.settings import Settings, get_settings
+    from qzoom.guards import InputError, check_query
+    from qzoom.images import load_image
+    from qzoom.schemas import AskOptions, PromptTextError, check_prompt_text
 
-    _quiet_transformers()
-    settings = get_settings()
+    # Everything the user gave is checked here, before the (slow) imports and the model load below. Pillow's bomb
+    # warning would print a second line before the guard's own refusal: as an error, the guard reports it.
+    warnings.simplefilter("error", Image.DecompressionBombWarning)
+    settings = _settings()
     if device:
-        settings = Settings(model=settings.model, device=device, dtype=settings.dtype)
+        settings = settings.model_copy(update={"device": device})
+    torch_device = _device(settings)
     model_dir = _model_dir(model, settings)
     try:
+        check_query(query)
+        check_prompt_text(query, "query")
         options = AskOptions(
             gate_thresh=gate_thresh,
             roi_thresh=roi_thresh,
@@ -130,13 +198,22 @@ def ask(
             margin=margin,
             max_new_tokens=max_new_tokens,
         )
-        picture = load_image(image)
-        engine = QZoomEngine.from_pretrained(model_dir, device=settings.torch_device(), dtype=settings.torch_dtype())
+        picture = load_image(image, settings.max_pixels_in)
     except ValidationError as err:
         _fail("; ".join(f"{'.'.join(map(str, e['loc'])) or 'options'}: {e['msg']}" for e in err.errors()))
-    except (ImageError, CheckpointError, OSError) as err:
+    except (InputError, PromptTextError, OSError) as err:
         _fail(str(err))
-    state = engine.new_state(picture, query, options)
+
+    from qzoom.agent import result, run
+    from qzoom.checkpoint import CheckpointError
+    from qzoom.engine import QZoomEngine
+
+    _quiet_transformers()
+    try:
+        engine = QZoomEngine.from_pretrained(model_dir, device=torch_device, dtype=settings.torch_dtype())
+        state = engine.new_state(picture, query, options)
+    except (CheckpointError, OSError, ValueError) as err:
+        _fail(str(err))
     run(engine, [state])
     res = result(engine, state)
     if show is not None:
@@ -223,10 +300,9 @@ def eval_demo(
     from tqdm import tqdm
 
     from qzoom.evals.demo import evaluate_demo, format_report, plot_pareto, uncached_engine, write_model_card
-    from qzoom.settings import get_settings
 
     _quiet_transformers()
-    model_dir = Path(_model_dir(model, get_settings()))
+    model_dir = Path(_model_dir(model, _settings()))
     try:
         sizes = tuple(int(b) for b in budgets.split(","))
     except ValueError:
@@ -326,10 +402,9 @@ def eval_tower_probe(
     """How much of each detail the vision tower's tokens show: a linear probe per token, native and true-box crops."""
     from qzoom.engine import QZoomEngine
     from qzoom.evals.tower_probe import format_probe, probe_tower
-    from qzoom.settings import get_settings
 
     _quiet_transformers()
-    engine = QZoomEngine.from_pretrained(_model_dir(model, get_settings()))
+    engine = QZoomEngine.from_pretrained(_model_dir(model, _settings()))
     try:
         report = probe_tower(engine, train_items, val_items, seed=seed)
     except ValueError as error:
@@ -350,13 +425,12 @@ def mcp(
     model: Annotated[str | None, typer.Option("--model", "-m", help=MODEL_HELP)] = None,
 ) -> None:
     """Serve the `zoom`, `gate` and `propose` tools over MCP on stdio (for desktop hosts; local image paths allowed)."""
-    from qzoom.settings import get_settings
     from qzoom.tools.mcp_server import run_stdio
 
     _quiet_transformers()
     # Checked here, before the protocol starts: a failure inside the server's lifespan reaches the host as a
     # dropped connection, not as a message.
-    model_dir = _model_dir(model, get_settings())
+    model_dir = _model_dir(model, _settings())
     run_stdio(model_dir)
 
 
@@ -373,12 +447,12 @@ def serve(
     import uvicorn
 
     from qzoom.service.app import create_app
-    from qzoom.settings import get_settings
 
     _quiet_transformers()
-    base = get_settings()
+    base = _settings()
     overrides = {k: v for k, v in {"redis_url": redis_url, "device": device}.items() if v}
     settings = base.model_copy(update={**overrides, "model": _model_dir(model, base)})
+    _device(settings)
     # workers=1 always: every uvicorn worker would load its own copy of the model onto the same device.
     uvicorn.run(create_app(settings=settings), host=host, port=port, workers=1, log_level=log_level)
 
@@ -419,7 +493,6 @@ def bench_followup(
 ) -> None:
     """A follow-up question on a seen image vs a cold one: same process (L1) and a fresh process over Redis (L2)."""
     from qzoom.evals.bench_followup import run_followup_benchmark
-    from qzoom.settings import get_settings
 
     _quiet_transformers()
     run_followup_benchmark(
@@ -429,7 +502,7 @@ def bench_followup(
         tokens=tokens,
         repeats=repeats,
         new_tokens=new_tokens,
-        redis_url=redis_url or get_settings().redis_url,
+        redis_url=redis_url or _settings().redis_url,
         echo=typer.echo,
     )
 
@@ -459,6 +532,18 @@ def bench_http(
         layers=layers, split=split, hidden=hidden, tokens=tokens, new_tokens=new_tokens,
         concurrency=levels, requests=requests, rounds=rounds, echo=typer.echo,
     )  # fmt: skip
+
+
+@bench_app.command("abuse")
+def bench_abuse(
+    bombs: Annotated[int, typer.Option(min=1, help="concurrent 6000x6000 pixel-bomb PNGs (sent twice)")] = 8,
+    repeats: Annotated[int, typer.Option(min=1, help="timed runs per costly request and its default (median)")] = 3,
+) -> None:
+    """The hostile set against `qzoom serve` on the demo model: 5xx count, peak RSS over baseline, worst cost ratio."""
+    from qzoom.evals.bench_abuse import run_abuse_benchmark
+
+    _quiet_transformers()
+    run_abuse_benchmark(bombs=bombs, repeats=repeats, echo=typer.echo)
 
 
 # -- qzoom train stage1|stage2|stage3 (qzoom.train.*): shared options, then one command per stage ---------------------

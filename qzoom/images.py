@@ -2,9 +2,10 @@
 
 - `load_image` opens a path, bytes or PIL image, applies the EXIF orientation and converts to 8-bit RGB (alpha is
   composited on white, 16-bit, 32-bit and float greyscale are scaled to their maximum, CMYK and the rest are
-  converted), refusing anything that is not an image with `ImageError`. A multi-frame file (animated GIF, PNG or
-  WebP, multi-page TIFF) is read as its first frame: a question is about one picture, and the first frame is what
-  viewers show as the still image.
+  converted). Files and bytes pass the guards of `qzoom.guards` first (accepted formats, the pixel cap read from the
+  header before decoding): `ImageError` for anything that is not an accepted image, `ImageTooLarge` over the cap.
+  A multi-frame file (animated GIF, PNG or WebP, multi-page TIFF) is read as its first frame: a question is about one
+  picture, and the first frame is what viewers show as the still image.
 - `padded_to_aspect` pads an extreme panorama (the Qwen resize refuses aspect ratios over 200) on its bottom or right
   with grey, so every pixel of the original keeps its coordinates: boxes in the padded view are boxes in the original
   once clamped.
@@ -24,13 +25,16 @@ torch, numpy and transformers are imported inside `patchify` only: agents import
 
 from __future__ import annotations
 
-import io
 import numbers
 from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps
+
+from qzoom.guards import ACCEPTED, open_image
+from qzoom.guards import ImageError as ImageError  # re-exported: the historical home of the name
+from qzoom.guards import ImageTooLarge as ImageTooLarge
 
 if TYPE_CHECKING:
     import numpy as np
@@ -39,10 +43,6 @@ if TYPE_CHECKING:
 # The Qwen2-VL resize rejects aspect ratios above 200; stay well inside so the token budget is respected.
 MAX_VIEW_ASPECT = 100.0
 PAD_GREY = (127, 127, 127)
-
-
-class ImageError(ValueError):
-    """The input is not a decodable image."""
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -63,19 +63,26 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def load_image(source: str | Path | bytes | Image.Image) -> Image.Image:
-    """Open `source` (a path, encoded bytes or a PIL image) as an RGB image; raise ImageError if it is not one."""
+def load_image(source: str | Path | bytes | Image.Image, max_pixels: int | None = None) -> Image.Image:
+    """Open `source` (a path, encoded bytes or a PIL image) as an RGB image under the guards of `qzoom.guards`:
+    `ImageError` when it is not an image of an accepted format, `ImageTooLarge` when its header claims more than
+    `max_pixels` (None: `QZOOM_MAX_PIXELS_IN`), checked before anything is decoded. A PIL image given directly is
+    the caller's own and only converted."""
     if isinstance(source, Image.Image):
         return to_rgb(source)
-    name = "the given bytes" if isinstance(source, bytes) else str(Path(source))
+    image = open_image(source, max_pixels)
     try:
-        image = Image.open(io.BytesIO(source) if isinstance(source, bytes) else Path(source))
         image.load()
-    except FileNotFoundError as err:
-        raise ImageError(f"image file not found: {name}") from err
-    except (UnidentifiedImageError, OSError, SyntaxError) as err:
-        raise ImageError(f"{name} is not a readable image (PNG, JPEG, WebP, GIF, BMP or TIFF): {err}") from err
+    except Exception as err:
+        # A header that parsed over a body that does not (truncated, corrupt): not an image we can read.
+        raise ImageError(f"{_shown(source)} is not a readable image ({err}); accepted formats: {ACCEPTED}") from None
+    # A tenant scope (qzoom.cache.SCOPE_INFO) is the service's to set, never the file's (a PNG text chunk could).
+    image.info.pop("qzoom_scope", None)
     return to_rgb(image)
+
+
+def _shown(source: str | Path | bytes) -> str:
+    return "the image" if isinstance(source, bytes) else str(Path(source))
 
 
 def padded_to_aspect(image: Image.Image, max_aspect: float = MAX_VIEW_ASPECT) -> Image.Image:

@@ -8,5 +8,5 @@ Modules (flat, since the distribution maps only `service/` itself into `qzoom.se
   `health`: `/healthz`, `/readyz`; `metrics`: `GET /metrics` (Prometheus)
 - `page`: the demo page at `GET /` (files in `static/`, package data) that streams `POST /ask` in a browser
 - `deps`: service state, the ready worker, API keys; `errors`: the error model and handlers;
-  `middleware`: the request body limit; `imaging`: upload decoding under a pixel limit
+  `middleware`: the request body limit (image guards live in `qzoom.guards`, shared with the CLI and MCP)
 """

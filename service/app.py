@@ -25,6 +25,7 @@ from fastapi import Depends, FastAPI
 from PIL import Image
 from starlette.concurrency import run_in_threadpool
 
+from qzoom.admission import Budget, CostModel
 from qzoom.agent.tool import ImageStore, ZoomToolRunner
 from qzoom.agent.zoom import ask_one
 from qzoom.cache import FeatureCache, MiB
@@ -34,7 +35,7 @@ from qzoom.settings import Settings, get_settings
 from qzoom.worker import Worker
 
 from . import ask, health, images, metrics, page, think, tools
-from .deps import ServiceState, require_api_key
+from .deps import ServiceState, require_api_key, require_metrics_key
 from .errors import install_error_handlers
 from .mcp import mount_mcp
 from .middleware import BodyLimitMiddleware
@@ -68,16 +69,25 @@ async def _load(state: ServiceState, factory: EngineFactory, worker_factory: Wor
     """Build cache, engine and worker, warm up, then mark ready (runs as a task beside the server)."""
     s = state.settings
     try:
-        state.cache = FeatureCache.from_url(s.redis_url, s.cache_l1_mb * MiB, s.cache_ttl_s, s.cache_max_value_mb * MiB)
+        secret = s.cache_key()
+        if s.redis_url and secret is None:
+            log.warning(
+                "QZOOM_CACHE_SECRET is not set: Redis values are signed with a key of this process only, so other "
+                "replicas will not reuse them; set the same secret on every replica to share the L2 cache"
+            )
+        state.cache = FeatureCache.from_url(
+            s.redis_url, s.cache_l1_mb * MiB, s.cache_ttl_s, s.cache_max_value_mb * MiB, secret=secret
+        )
         if worker_factory is not None:
             worker = await worker_factory(s, state.cache)
         else:
             worker = await _local_worker(s, state.cache, factory)
         engine = worker.engine
         state.worker = worker
+        state.costs = CostModel.for_engine(engine, s)
         # One tiny request through the whole graph compiles kernels and fills allocator pools before traffic.
         await ask_one(worker, Image.new("RGB", (56, 56), (127, 127, 127)), "warm-up", AskOptions(max_new_tokens=1))
-        state.runner = ZoomToolRunner(worker, state.images)
+        state.runner = ZoomToolRunner(worker, state.images, max_pixels=s.max_pixels_in, budget=state.budget)
         state.ready = True
         log.info("model %s loaded and warmed; ready", engine.name)
     except asyncio.CancelledError:
@@ -99,7 +109,11 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        state = ServiceState(settings=settings, images=ImageStore())
+        state = ServiceState(
+            settings=settings,
+            images=ImageStore(max_bytes=int(settings.image_store_mb * MiB)),
+            budget=Budget.from_settings(settings),
+        )
         app.state.qzoom = state
         app.state.qzoom_registry = metrics.registry_for(state)
         old_limit = Image.MAX_IMAGE_PIXELS
@@ -131,7 +145,7 @@ def create_app(
     app.add_middleware(BodyLimitMiddleware, max_bytes=int(settings.max_body_mb * MiB))
     app.include_router(health.router)
     app.include_router(page.router)  # the demo page loads without a key; its calls to /ask carry one
-    app.include_router(metrics.router)
+    app.include_router(metrics.router, dependencies=[Depends(require_metrics_key)])
     app.include_router(ask.router, dependencies=[Depends(require_api_key)])
     app.include_router(images.router, dependencies=[Depends(require_api_key)])
     app.include_router(tools.router, dependencies=[Depends(require_api_key)])

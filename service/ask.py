@@ -30,19 +30,18 @@ from starlette.datastructures import UploadFile
 
 from qzoom.agent.graph import stream_events
 from qzoom.agent.zoom import ask_one, result
+from qzoom.guards import Query, parse_json
 from qzoom.schemas import AskOptions, AskResult
 from qzoom.worker import Worker
 
 from .cancel import until_disconnected
-from .deps import ReadyWorker, Service, ServiceState
+from .deps import ReadyWorker, Service, tenant_of
 from .errors import ApiError, ErrorBody, describe_errors
-from .sources import load_source
+from .sources import read_source
 
 log = logging.getLogger(__name__)
 
 router = APIRouter(tags=["ask"])
-
-MAX_QUERY_CHARS = 4000
 
 
 class AskRequest(AskOptions):
@@ -53,7 +52,7 @@ class AskRequest(AskOptions):
     image_url: str | None = Field(
         None, max_length=2048, description="an http(s) URL the server fetches (only when QZOOM_IMAGE_URLS is on)"
     )
-    query: str = Field(min_length=1, max_length=MAX_QUERY_CHARS, description="the question about the image")
+    query: Query = Field(description="the question about the image")
 
     @model_validator(mode="after")
     def _one_image(self) -> Self:
@@ -82,10 +81,7 @@ async def _read_request(request: Request) -> tuple[AskRequest, bytes | None]:
     """The validated fields and, for multipart, the uploaded file's bytes."""
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if ctype == "application/json":
-        try:
-            fields = json.loads(await request.body())
-        except (ValueError, UnicodeDecodeError) as err:
-            raise ApiError(400, "invalid_json", f"the body is not valid JSON: {err}") from err
+        fields = parse_json(await request.body())
         if not isinstance(fields, dict):
             raise ApiError(422, "invalid_request", "the JSON body must be an object with image and query")
         return _validate(fields), None
@@ -107,18 +103,10 @@ async def _read_request(request: Request) -> tuple[AskRequest, bytes | None]:
     raise ApiError(415, "unsupported_media_type", "send multipart/form-data (image file + query) or application/json")
 
 
-async def _image(service: ServiceState, req: AskRequest, data: bytes | None) -> Image.Image:
-    return await load_source(service, image_id=req.image_id, image=req.image, image_url=req.image_url, data=data)
-
-
-def _stream(worker: Worker, image: Image.Image, req: AskRequest) -> EventSourceResponse:
-    stack = contextlib.ExitStack()
+def _stream(worker: Worker, image: Image.Image, req: AskRequest, stack: contextlib.ExitStack) -> EventSourceResponse:
+    """The SSE response; `stack` holds the request's admission and is closed when the stream ends."""
     stack.enter_context(worker.admit())  # Overloaded here, before the stream starts, is still a 503
-    try:
-        state = worker.engine.new_state(image, req.query, req.options())
-    except BaseException:
-        stack.close()
-        raise
+    state = worker.engine.new_state(image, req.query, req.options())
     request_id = uuid.uuid4().hex
 
     async def events() -> AsyncIterator[bytes]:
@@ -162,8 +150,21 @@ def _stream(worker: Worker, image: Image.Image, req: AskRequest) -> EventSourceR
 async def ask(request: Request, service: Service, worker: ReadyWorker) -> Any:
     """Answer `query` about the image, zooming where the question needs detail."""
     req, data = await _read_request(request)
-    image = await _image(service, req, data)
-    if "text/event-stream" in request.headers.get("accept", ""):
-        return _stream(worker, image, req)
-    # A client that hangs up cancels the graph and frees its worker place (the stream does so by itself).
-    return await until_disconnected(request, ask_one(worker, image, req.query, req.options()))
+    pending = await read_source(
+        service, image_id=req.image_id, image=req.image, image_url=req.image_url, data=data, scope=tenant_of(request)
+    )
+    assert service.costs is not None  # set together with the worker, which ReadyWorker guarantees
+    cost = service.costs.ask(pending.wh, pending.memory, req.options(), req.query)
+    # Admitted before anything is decoded; the cost is held until the answer (or the stream's end).
+    stack = contextlib.ExitStack()
+    try:
+        stack.enter_context(service.budget.admit(cost))
+        image = await pending.decode(service.settings.max_pixels_in)
+        if "text/event-stream" in request.headers.get("accept", ""):
+            return _stream(worker, image, req, stack)
+        # A client that hangs up cancels the graph and frees its worker place (the stream does so by itself).
+        with stack:
+            return await until_disconnected(request, ask_one(worker, image, req.query, req.options()))
+    except BaseException:
+        stack.close()
+        raise

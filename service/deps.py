@@ -4,19 +4,26 @@
 - `ready_worker`: the started, warmed `Worker`; 503 `not_ready` (with `Retry-After`) while the model loads, and
   503 `not_ready` with the load error if loading failed.
 - `require_api_key`: when `QZOOM_API_KEYS` is set, `X-API-Key` must equal one of them (401 `unauthorized`
-  otherwise), compared in constant time. Health routes do not use it.
+  otherwise), compared in constant time. The one rule for duplicates, here and on `/mcp` (`presented_key`): a
+  request carrying the header more than once is refused (401), never read first- or last-wins. Health routes do not
+  use it; `/metrics` does when `QZOOM_PROTECT_METRICS` is on (`require_metrics_key`).
+- `tenant_of(request)`: with `QZOOM_TENANT_SCOPE` (and keys), the scope of the request's key (a hash of it, never
+  the key itself), which marks its images so that cache entries and image ids stay per key; else None.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import secrets
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Annotated
 
 from fastapi import Depends, Request
 from fastapi.security import APIKeyHeader
 
+from qzoom.admission import Budget, CostModel
 from qzoom.agent.thinking import Policy
 from qzoom.agent.tool import ImageStore, ZoomToolRunner
 from qzoom.cache import FeatureCache
@@ -32,8 +39,10 @@ class ServiceState:
 
     settings: Settings
     images: ImageStore
+    budget: Budget  # what every request in flight may use together (qzoom.admission)
     cache: FeatureCache | None = None
     worker: Worker | None = None
+    costs: CostModel | None = None  # set with the worker: prices requests with the checkpoint's budgets
     runner: ZoomToolRunner | None = None
     ready: bool = False
     load_error: str | None = None
@@ -75,7 +84,54 @@ def api_key_matches(keys: list[str], given: str | None) -> bool:
     return matched
 
 
-def require_api_key(service: Service, key: Annotated[str | None, Depends(_api_key_header)]) -> None:
-    keys = service.settings.api_keys
-    if keys and not api_key_matches(keys, key):
-        raise ApiError(401, "unauthorized", "a valid X-API-Key header is required", {"WWW-Authenticate": "APIKey"})
+class DuplicateApiKey(ValueError):
+    """The request carries X-API-Key more than once."""
+
+
+def presented_key(headers: Iterable[tuple[bytes, bytes]]) -> str | None:
+    """The X-API-Key value of raw ASGI headers; `DuplicateApiKey` when there are several (the rule everywhere)."""
+    values = [v for k, v in headers if k.lower() == b"x-api-key"]
+    if len(values) > 1:
+        raise DuplicateApiKey("send one X-API-Key header, not several")
+    return values[0].decode("latin-1") if values else None
+
+
+def tenant_scope(key: str) -> str:
+    """The scope of an API key: a hash, so that neither logs nor image info ever hold the key."""
+    return hashlib.blake2b(f"qzoom-tenant-v1\0{key}".encode(), digest_size=16).hexdigest()
+
+
+def check_api_key(keys: list[str], headers: Iterable[tuple[bytes, bytes]]) -> str | None:
+    """The valid key presented in `headers` (None when no keys are configured), else `ApiError` 401."""
+    if not keys:
+        return None
+    unauthorized = {"WWW-Authenticate": "APIKey"}
+    try:
+        given = presented_key(headers)
+    except DuplicateApiKey as err:
+        raise ApiError(401, "unauthorized", str(err), unauthorized) from None
+    if given is None or not api_key_matches(keys, given):
+        raise ApiError(401, "unauthorized", "a valid X-API-Key header is required", unauthorized)
+    return given
+
+
+def require_api_key(
+    request: Request, service: Service, _documented: Annotated[str | None, Depends(_api_key_header)]
+) -> None:
+    # The header is read from the raw list (`_documented` only declares it in OpenAPI): duplicates must be seen.
+    given = check_api_key(service.settings.api_keys, request.scope["headers"])
+    if given is not None and service.settings.tenant_scope:
+        request.state.tenant = tenant_scope(given)
+
+
+def require_metrics_key(
+    request: Request, service: Service, _documented: Annotated[str | None, Depends(_api_key_header)]
+) -> None:
+    if service.settings.protect_metrics:
+        check_api_key(service.settings.api_keys, request.scope["headers"])
+
+
+def tenant_of(request: Request) -> str | None:
+    """The request's tenant scope (see the module docstring), or None when scoping is off."""
+    scope: str | None = getattr(request.state, "tenant", None)
+    return scope

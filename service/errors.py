@@ -2,7 +2,8 @@
 
 Every error body is `{"error": {"code": "<stable machine code>", "message": "<human text>"}}` (DESIGN.md
 "Interfaces"). Mapping: bad fields 400/422 (`invalid_request`, naming each field and what it accepts), body or
-pixels too large 413 (`body_too_large`, `image_too_large`), not an image 415 (`unsupported_image`), unknown image id
+pixels too large 413 (`body_too_large`, `image_too_large`), not an image 415 (`unsupported_image`), every
+`qzoom.guards.InputError` with its own status and code (400 `invalid_json` included), unknown image id
 404 (`unknown_image`), overloaded 503 (`overloaded`, with `Retry-After`), not ready 503 (`not_ready`), image URL
 refusals 403/413/422 (`service.urls`), a step the checkpoint lacks 422 (`not_supported`). A client that hangs up
 mid-body gets an unread 499. Request content never reaches the catch-all: a 500 (`internal_error`) means a bug in
@@ -22,7 +23,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from qzoom.agent.tool import UnknownImage
-from qzoom.images import ImageError
+from qzoom.guards import InputError
 from qzoom.schemas import PromptTextError
 from qzoom.worker import Overloaded
 
@@ -108,9 +109,10 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _overloaded(request: Request, exc: Overloaded) -> JSONResponse:
         return error_response(503, "overloaded", str(exc), retry_after(exc.retry_after_s))
 
-    @app.exception_handler(ImageError)
-    async def _image(request: Request, exc: ImageError) -> JSONResponse:
-        return error_response(415, "unsupported_image", str(exc))
+    @app.exception_handler(InputError)
+    async def _input(request: Request, exc: InputError) -> JSONResponse:
+        # The guards of qzoom.guards carry their own status and code (one mapping for every entry point).
+        return error_response(exc.status, exc.code, str(exc))
 
     @app.exception_handler(PromptTextError)
     async def _prompt_text(request: Request, exc: PromptTextError) -> JSONResponse:

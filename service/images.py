@@ -12,21 +12,19 @@ Errors are the error model: 422 bad arguments (each field named), 404 unknown im
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from fastapi import APIRouter, Request, Response
 from pydantic import BaseModel, Field, ValidationError
-from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
+from qzoom.guards import parse_json
 from qzoom.tools.schema import ZoomArgs, ZoomResult
 
 from .cancel import until_disconnected
-from .deps import ReadyWorker, Service
+from .deps import ReadyWorker, Service, tenant_of
 from .errors import ApiError, ErrorBody, describe_errors
-from .imaging import decode_upload
-from .sources import MAX_URL_CHARS, json_body_doc
+from .sources import MAX_URL_CHARS, json_body_doc, load_source, read_source
 from .urls import fetch_image_url
 
 router = APIRouter(prefix="/v1", tags=["tools"])
@@ -65,7 +63,7 @@ async def upload_image(request: Request, service: Service) -> ImageInfo:
     if not isinstance(upload, UploadFile):
         raise ApiError(422, "invalid_request", "image: required, as a file part of the form")
     data = await upload.read()
-    image = await run_in_threadpool(decode_upload, data, service.settings.max_pixels_in)
+    image = await load_source(service, data=data, scope=tenant_of(request))
     return ImageInfo(image_id=service.images.put(image), width=image.width, height=image.height)
 
 
@@ -86,10 +84,7 @@ def _parse_zoom_args(service: Service, raw: dict[str, object]) -> ZoomArgs:
 async def zoom_tool(request: Request, service: Service, worker: ReadyWorker) -> ZoomResult | Response:
     """Run the `zoom` tool: crop a box (in any frame) or let the SD-RPN choose one for the query."""
     assert service.runner is not None  # set together with the worker, which ReadyWorker guarantees
-    try:
-        raw = json.loads(await request.body())
-    except (ValueError, UnicodeDecodeError) as err:
-        raise ApiError(400, "invalid_json", f"the body is not valid JSON: {err}") from err
+    raw = parse_json(await request.body())
     if not isinstance(raw, dict):
         raise ApiError(422, "invalid_request", "the body must be a JSON object of zoom arguments")
     url = raw.pop("image_url", None)
@@ -103,14 +98,16 @@ async def zoom_tool(request: Request, service: Service, worker: ReadyWorker) -> 
         # The other arguments first, with the URL standing in for the image: a bad box costs no download.
         _parse_zoom_args(service, {**raw, "image_id": url})
         fetched = await fetch_image_url(url, service.settings)
-        image = await run_in_threadpool(decode_upload, fetched, service.settings.max_pixels_in)
+        image = await load_source(service, data=fetched, scope=tenant_of(request))
         raw["image_id"] = service.images.put(image)
     args = _parse_zoom_args(service, raw)
     data = args.image_bytes()
     if data is not None:
         # Decoded here, under the service's pixel limit, instead of by the runner (which has no limit).
-        image = await run_in_threadpool(decode_upload, data, service.settings.max_pixels_in)
+        image = await load_source(service, data=data, scope=tenant_of(request))
         args = args.model_copy(update={"image_data": None, "image_id": service.images.put(image)})
+    elif args.image_id is not None:
+        await read_source(service, image_id=args.image_id, scope=tenant_of(request))  # another tenant's id: 404
     try:
         return await until_disconnected(request, service.runner.zoom(args))
     except ValueError as err:  # e.g. no box and a checkpoint without a region proposer

@@ -21,7 +21,8 @@ from qzoom.agent.tool import ZoomToolRunner
 from qzoom.settings import Settings
 from qzoom.tools.mcp_server import build_mcp_server
 
-from .deps import ServiceState, api_key_matches
+from .deps import ServiceState, check_api_key
+from .errors import ApiError
 
 
 class _RequireAPIKey:
@@ -33,11 +34,10 @@ class _RequireAPIKey:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and self.keys:
-            given = dict(scope.get("headers", [])).get(b"x-api-key", b"").decode("latin-1")
-            if not api_key_matches(self.keys, given):
-                body = json.dumps(
-                    {"error": {"code": "unauthorized", "message": "a valid X-API-Key header is required"}}
-                )
+            try:
+                check_api_key(self.keys, scope.get("headers", []))  # the same rule as every route (deps)
+            except ApiError as err:
+                body = json.dumps({"error": {"code": err.code, "message": err.message}})
                 await send({"type": "http.response.start", "status": 401, "headers": [
                     (b"content-type", b"application/json"), (b"www-authenticate", b"APIKey")]})  # fmt: skip
                 await send({"type": "http.response.body", "body": body.encode()})

@@ -1,11 +1,14 @@
 """`GET /metrics`: Prometheus text exposition of the worker and the feature cache, read at scrape time.
 
-Open like the health routes (put it behind the proxy or an internal port). Each app has its own registry, so
+Open like the health routes (put it behind the proxy or an internal port), unless `QZOOM_PROTECT_METRICS` is on:
+then it asks for `X-API-Key` like the other routes. Each app has its own registry, so
 several apps in one process (tests) never clash. Series:
 - `qzoom_ready` (0/1), `qzoom_requests_in_flight`, `qzoom_queue_depth`, `qzoom_last_batch_size`
 - `qzoom_worker_refused_total`, `qzoom_worker_cancelled_total`,
   `qzoom_worker_batches_total{step}`, `qzoom_worker_batched_calls_total{step}`
 - `qzoom_cache_events_total{kind,event}` (event: l1_hits, l2_hits, misses, puts), `qzoom_cache_corrupt_total`,
+  `qzoom_cache_forged_total` (Redis values whose HMAC failed; also counted as corrupt),
+- `qzoom_budget_token_steps`, `qzoom_budget_image_bytes` (admitted cost in flight), `qzoom_budget_refused_total`,
   `qzoom_cache_l1_bytes`, `qzoom_cache_l1_entries`, `qzoom_cache_l1_evictions_total`,
   `qzoom_cache_l2_available` and `qzoom_cache_l2_errors_total` when Redis is configured
 """
@@ -49,6 +52,10 @@ class ServiceCollector(Collector):
                 calls.add_metric([step], stats.batched_calls[step])
             yield batches
             yield calls
+        budget = state.budget
+        yield GaugeMetricFamily("qzoom_budget_token_steps", "token-steps admitted in flight", budget.used_steps)
+        yield GaugeMetricFamily("qzoom_budget_image_bytes", "image bytes admitted in flight", budget.used_memory)
+        yield CounterMetricFamily("qzoom_budget_refused", "requests refused with 503 (budget full)", budget.refused)
         cache = state.cache
         if cache is not None:
             cs = cache.stats()
@@ -60,6 +67,7 @@ class ServiceCollector(Collector):
                     events.add_metric([kind, event], n)
             yield events
             yield CounterMetricFamily("qzoom_cache_corrupt", "unreadable Redis values dropped", cs["corrupt"])
+            yield CounterMetricFamily("qzoom_cache_forged", "Redis values whose HMAC failed, dropped", cs["forged"])
             yield GaugeMetricFamily("qzoom_cache_l1_bytes", "bytes held by the in-process cache", cs["l1"]["bytes"])
             yield GaugeMetricFamily("qzoom_cache_l1_entries", "entries in the in-process cache", cs["l1"]["entries"])
             yield CounterMetricFamily("qzoom_cache_l1_evictions", "in-process cache evictions", cs["l1"]["evictions"])

@@ -131,7 +131,9 @@ class QZoomWorker:
 
     def __init__(self, overrides: dict[str, Any]) -> None:
         s = replica_settings(overrides)
-        self.cache = FeatureCache.from_url(s.redis_url, s.cache_l1_mb * MiB, s.cache_ttl_s, s.cache_max_value_mb * MiB)
+        self.cache = FeatureCache.from_url(
+            s.redis_url, s.cache_l1_mb * MiB, s.cache_ttl_s, s.cache_max_value_mb * MiB, secret=s.cache_key()
+        )  # replicas share Redis values only with the same QZOOM_CACHE_SECRET
         self.engine = default_engine_factory(s, self.cache)
         warm_up(self.engine)
         self.worker = Worker(

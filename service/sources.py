@@ -2,14 +2,17 @@
 
 `ImageSourceFields` is the JSON part every image-taking endpoint shares: exactly one of `image_id` (from
 `POST /v1/images`), `image` (base64 or a `data:image/...;base64,` URL) or `image_url` (fetched by the server when
-`QZOOM_IMAGE_URLS` is on; see `service.urls`). `load_source(service, ...)` resolves one of them (or raw uploaded
-bytes): 404 `unknown_image` for an id this process has not seen, 422 `invalid_request` for bad base64, the URL
-refusals of `service.urls`, and the 413/415 of `decode_upload`. Decoding runs in the thread pool, off the event loop.
+`QZOOM_IMAGE_URLS` is on; see `service.urls`). `read_source(service, ...)` resolves one of them (or raw uploaded
+bytes) into a `PendingImage` whose header has passed the guards and nothing is decoded yet, so that admission
+(`qzoom.admission`) can price the request first; `PendingImage.decode` then decodes in the thread pool, off the event
+loop. `load_source` does both for routes without model work, holding the image-memory budget while it decodes.
+Errors: 404 `unknown_image` for an id this process has not seen, 422 `invalid_request` for bad base64, the URL
+refusals of `service.urls`, the 413/415 of `qzoom.guards`, 413/422/503 from admission.
 """
 
 from __future__ import annotations
 
-import json
+from dataclasses import dataclass
 from typing import Any, Self, TypeVar
 
 from fastapi import Request
@@ -17,11 +20,15 @@ from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from starlette.concurrency import run_in_threadpool
 
+from qzoom.admission import Cost, MiB
+from qzoom.agent.tool import UnknownImage
+from qzoom.cache import SCOPE_INFO, set_scope
+from qzoom.guards import ImageHeader, ImageTooLarge, parse_json, probe_image
+from qzoom.images import load_image
 from qzoom.tools.schema import decode_image_data
 
 from .deps import ServiceState
 from .errors import ApiError, describe_errors
-from .imaging import decode_upload
 from .urls import fetch_image_url
 
 M = TypeVar("M", bound=BaseModel)
@@ -52,17 +59,53 @@ class ImageSourceFields(BaseModel):
         return self
 
 
-async def load_source(
+@dataclass
+class PendingImage:
+    """An image source read but not decoded: either an image already decoded (an `image_id`) or encoded bytes whose
+    header has passed the guards (format, pixel cap). Admission prices it before `decode` runs."""
+
+    image: Image.Image | None = None
+    data: bytes | None = None
+    header: ImageHeader | None = None
+    scope: str | None = None  # the tenant the decoded image is marked with (qzoom.cache.set_scope)
+
+    @property
+    def wh(self) -> tuple[int, int]:
+        if self.image is not None:
+            return self.image.size
+        assert self.header is not None
+        return self.header.width, self.header.height
+
+    @property
+    def memory(self) -> int:
+        """Bytes decoding will allocate (nothing for an image already decoded)."""
+        return 0 if self.header is None else self.header.decode_bytes
+
+    async def decode(self, max_pixels: int) -> Image.Image:
+        if self.image is None:
+            assert self.data is not None
+            # Decoding a large image holds the CPU for a while: keep it off the event loop.
+            self.image = set_scope(await run_in_threadpool(load_image, self.data, max_pixels), self.scope)
+            self.data = None
+        return self.image
+
+
+async def read_source(
     service: ServiceState,
     *,
     image_id: str | None = None,
     image: str | None = None,
     image_url: str | None = None,
     data: bytes | None = None,
-) -> Image.Image:
-    """The decoded RGB image from whichever source is given (callers have checked that exactly one is)."""
+    scope: str | None = None,
+) -> PendingImage:
+    """The image from whichever source is given (callers have checked that exactly one is), header-checked only.
+    `scope` is the request's tenant (`deps.tenant_of`): an `image_id` uploaded under another scope is unknown here."""
     if image_id is not None:
-        return service.images.get(image_id)
+        stored = service.images.get(image_id)
+        if stored.info.get(SCOPE_INFO) != scope:
+            raise UnknownImage(f"unknown image_id {image_id!r}: upload the image first, or send it as image_data")
+        return PendingImage(image=stored, scope=scope)
     if image is not None:
         try:
             data = decode_image_data(image)
@@ -72,8 +115,36 @@ async def load_source(
         data = await fetch_image_url(image_url, service.settings)
     if data is None:
         raise ApiError(422, "invalid_request", "image: required (a file, base64 / data URL, image_id or image_url)")
-    # Decoding a large image holds the CPU for a while: keep it off the event loop.
-    return await run_in_threadpool(decode_upload, data, service.settings.max_pixels_in)
+    return PendingImage(data=data, header=probe_image(data, service.settings.max_pixels_in), scope=scope)
+
+
+async def load_source(
+    service: ServiceState,
+    *,
+    image_id: str | None = None,
+    image: str | None = None,
+    image_url: str | None = None,
+    data: bytes | None = None,
+    scope: str | None = None,
+) -> Image.Image:
+    """The decoded RGB image, decoded under the image-memory budget for the time of the decode (uploads; routes
+    that run the model hold their whole cost with `admitted` instead)."""
+    pending = await read_source(service, image_id=image_id, image=image, image_url=image_url, data=data, scope=scope)
+    with service.budget.admit(image_cost(service, pending.memory)):
+        return await pending.decode(service.settings.max_pixels_in)
+
+
+def image_cost(service: ServiceState, memory: int) -> Cost:
+    """Decoding an image and no model work, under the per-request memory cap."""
+    if service.costs is not None:
+        return service.costs.image_only(memory)
+    cap = int(service.settings.budget_decode_mb * MiB)
+    if memory > cap:
+        raise ImageTooLarge(
+            f"decoding the image needs {memory // MiB} MiB, more than the server's whole image budget of "
+            f"{cap // MiB} MiB (QZOOM_BUDGET_DECODE_MB); send a smaller image"
+        )
+    return Cost(0, memory)
 
 
 async def read_json(request: Request, model: type[M]) -> M:
@@ -82,10 +153,7 @@ async def read_json(request: Request, model: type[M]) -> M:
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if ctype != "application/json":
         raise ApiError(415, "unsupported_media_type", "send the arguments as a JSON object (application/json)")
-    try:
-        raw: Any = json.loads(await request.body())
-    except (ValueError, UnicodeDecodeError) as err:
-        raise ApiError(400, "invalid_json", f"the body is not valid JSON: {err}") from err
+    raw: Any = parse_json(await request.body())
     if not isinstance(raw, dict):
         raise ApiError(422, "invalid_request", f"the body must be a JSON object with the fields of {model.__name__}")
     try:

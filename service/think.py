@@ -25,16 +25,16 @@ from fastapi import APIRouter, Request, Response
 from pydantic import BaseModel, Field
 
 from qzoom.agent.thinking import LOOP_PROFILES, ThinkingResult, think_with_images
+from qzoom.guards import Query
 from qzoom.schemas import AskOptions
 
 from .cancel import until_disconnected
-from .deps import ReadyWorker, Service
+from .deps import ReadyWorker, Service, tenant_of
 from .errors import ErrorBody
-from .sources import ImageSourceFields, json_body_doc, load_source, read_json
+from .sources import ImageSourceFields, json_body_doc, read_json, read_source
 
 router = APIRouter(prefix="/v1", tags=["think"])
 
-MAX_QUERY_CHARS = 4000
 MAX_TURNS = 8
 MAX_TURN_TOKENS = 512
 ERRORS: dict[int | str, dict[str, Any]] = {s: {"model": ErrorBody} for s in (400, 401, 403, 404, 413, 415, 422, 503)}
@@ -46,7 +46,7 @@ assert set(get_args(Profile)) == set(LOOP_PROFILES), "keep Profile in step with 
 class ThinkRequest(ImageSourceFields):
     """One question for a thinking-with-images model, run through its zoom-tool loop."""
 
-    query: str = Field(min_length=1, max_length=MAX_QUERY_CHARS, description="the question about the image")
+    query: Query = Field(description="the question about the image")
     profile: Profile = Field(description="the hosted model's zoom-call protocol")
     box_source: Literal["model", "sd_rpn"] = Field(
         "model", description="model: execute the model's boxes; sd_rpn: the SD-RPN's box for every call"
@@ -106,13 +106,21 @@ def _response(result: ThinkingResult, profile: str, model: str) -> ThinkResponse
 async def think(request: Request, service: Service, worker: ReadyWorker) -> ThinkResponse | Response:
     """Answer a question the way a thinking-with-images model does: think, zoom with its tool, repeat."""
     req = await read_json(request, ThinkRequest)
-    image = await load_source(service, image_id=req.image_id, image=req.image, image_url=req.image_url)
-    work = think_with_images(
-        worker, image, req.query, req.profile,
-        options=AskOptions(force_zoom=req.force_zoom), policy=service.think_policy, box_source=req.box_source,
-        system_prompt=req.system_prompt, max_turns=req.max_turns, max_new_tokens=req.max_new_tokens,
-    )  # fmt: skip
-    outcome = await until_disconnected(request, work)
+    pending = await read_source(
+        service, image_id=req.image_id, image=req.image, image_url=req.image_url, scope=tenant_of(request)
+    )
+    assert service.costs is not None  # set together with the worker, which ReadyWorker guarantees
+    # Priced at the loop's upper bound: one view and max_new_tokens for each of up to MAX_TURNS turns.
+    turns = req.max_turns or MAX_TURNS
+    cost = service.costs.look(pending.wh, pending.memory, views=1 + turns, new_tokens=req.max_new_tokens, turns=turns)
+    with service.budget.admit(cost):
+        image = await pending.decode(service.settings.max_pixels_in)
+        work = think_with_images(
+            worker, image, req.query, req.profile,
+            options=AskOptions(force_zoom=req.force_zoom), policy=service.think_policy, box_source=req.box_source,
+            system_prompt=req.system_prompt, max_turns=req.max_turns, max_new_tokens=req.max_new_tokens,
+        )  # fmt: skip
+        outcome = await until_disconnected(request, work)
     if isinstance(outcome, Response):
         return outcome
     return _response(outcome, req.profile, worker.engine.name)

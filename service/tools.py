@@ -18,7 +18,9 @@ accepted fields listed), 404 unknown `image_id`, 403/413/422 image URL refusals,
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import APIRouter, Request, Response
@@ -26,24 +28,24 @@ from PIL import Image
 from pydantic import BaseModel, Field
 
 from qzoom.agent.tool import ZoomToolRunner
+from qzoom.guards import Query
 from qzoom.roi import heatmap_rows
 from qzoom.tools.tool_args import MAX_PROPOSED_BOXES
 
 from .cancel import until_disconnected
-from .deps import ReadyWorker, Service, ServiceState
+from .deps import ReadyWorker, Service, ServiceState, tenant_of
 from .errors import ApiError, ErrorBody
-from .sources import ImageSourceFields, json_body_doc, load_source, read_json
+from .sources import ImageSourceFields, json_body_doc, read_json, read_source
 
 router = APIRouter(prefix="/v1/tools", tags=["tools"])
 
-MAX_QUERY_CHARS = 4000
 ERRORS: dict[int | str, dict[str, Any]] = {s: {"model": ErrorBody} for s in (400, 401, 403, 404, 413, 415, 422, 503)}
 
 
 class GateRequest(ImageSourceFields):
     """An image and a question for the gate."""
 
-    query: str = Field(min_length=1, max_length=MAX_QUERY_CHARS, description="the question about the image")
+    query: Query = Field(description="the question about the image")
 
 
 class ProposeRequest(GateRequest):
@@ -80,8 +82,16 @@ class ProposeResponse(BaseModel):
     model: str
 
 
-async def _image(service: ServiceState, req: ImageSourceFields) -> Image.Image:
-    return await load_source(service, image_id=req.image_id, image=req.image, image_url=req.image_url)
+@contextlib.asynccontextmanager
+async def _admitted(request: Request, service: ServiceState, req: ImageSourceFields) -> AsyncIterator[Image.Image]:
+    """The request's image, decoded after its cost (one view of it, nothing decoded) was admitted; the cost is held
+    until the block ends."""
+    pending = await read_source(
+        service, image_id=req.image_id, image=req.image, image_url=req.image_url, scope=tenant_of(request)
+    )
+    assert service.costs is not None  # set together with the worker, which ReadyWorker guarantees
+    with service.budget.admit(service.costs.look(pending.wh, pending.memory)):
+        yield await pending.decode(service.settings.max_pixels_in)
 
 
 def _runner(service: ServiceState) -> ZoomToolRunner:
@@ -95,8 +105,8 @@ async def gate(request: Request, service: Service, worker: ReadyWorker) -> GateR
     req = await read_json(request, GateRequest)
     if not worker.engine.has_gate:
         raise ApiError(422, "not_supported", "this checkpoint has no gate; use /v1/tools/propose or /v1/tools/zoom")
-    image = await _image(service, req)
-    outcome = await until_disconnected(request, _runner(service).gate(image, req.query))
+    async with _admitted(request, service, req) as image:
+        outcome = await until_disconnected(request, _runner(service).gate(image, req.query))
     if isinstance(outcome, Response):
         return outcome
     score, threshold = outcome
@@ -112,9 +122,9 @@ async def propose(request: Request, service: Service, worker: ReadyWorker) -> Pr
     req = await read_json(request, ProposeRequest)
     if not worker.engine.has_rpn:
         raise ApiError(422, "not_supported", "this checkpoint has no region proposer (SD-RPN); send a box to zoom")
-    image = await _image(service, req)
-    work = _runner(service).proposal(image, req.query, max_boxes=req.max_boxes, margin=req.margin)
-    outcome = await until_disconnected(request, work)
+    async with _admitted(request, service, req) as image:
+        work = _runner(service).proposal(image, req.query, max_boxes=req.max_boxes, margin=req.margin)
+        outcome = await until_disconnected(request, work)
     if isinstance(outcome, Response):
         return outcome
     proposal, gate_score, roi_thresh = outcome

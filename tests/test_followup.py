@@ -75,7 +75,9 @@ def test_follow_up_from_a_fresh_process_hits_redis(tiny_model, processor, images
     image_path = tmp_path / "image.png"
     images[0].save(image_path)
     url = redis_server.url
-    first = ask_state(QZoomEngine.from_pretrained(model_dir, cache=FeatureCache.from_url(url)), images[0], FIRST)
+    secret = b"shared by the replicas"  # Redis values are HMAC-signed: replicas share them only with the secret
+    cache = FeatureCache.from_url(url, secret=secret)
+    first = ask_state(QZoomEngine.from_pretrained(model_dir, cache=cache), images[0], FIRST)
     assert first.cache_hits == []
 
     script = textwrap.dedent(
@@ -86,7 +88,7 @@ def test_follow_up_from_a_fresh_process_hits_redis(tiny_model, processor, images
         from qzoom.engine import QZoomEngine
         from qzoom.images import load_image
         from qzoom.schemas import AskOptions
-        cache = FeatureCache.from_url({url!r})
+        cache = FeatureCache.from_url({url!r}, secret={secret!r})
         engine = QZoomEngine.from_pretrained({str(model_dir)!r}, cache=cache)
         opts = AskOptions.model_validate_json({OPTS.model_dump_json()!r})
         st = engine.new_state(load_image({str(image_path)!r}), {SECOND!r}, opts)

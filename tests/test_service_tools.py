@@ -41,7 +41,7 @@ def create_url_app(model, **kw):
 
     s = settings(
         max_pixels_in=2_000_000, image_urls=True, image_url_hosts=["127.0.0.1"], image_url_timeout_s=1.0,
-        image_url_max_mb=0.5, **kw,
+        image_url_private=True, image_url_max_mb=0.5, **kw,  # the test server is on loopback: allowed explicitly
     )  # fmt: skip
     return create_app(factory_for(model), s)
 
