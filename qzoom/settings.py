@@ -123,7 +123,8 @@ class Settings(BaseSettings):
 
     def cache_key(self) -> bytes | None:
         """The HMAC key of Redis values (`QZOOM_CACHE_SECRET`), or None: a random key of this process."""
-        return self.cache_secret.get_secret_value().encode() if self.cache_secret is not None else None
+        secret = self.cache_secret.get_secret_value() if self.cache_secret is not None else ""
+        return secret.encode() if secret else None  # an empty value (compose's unset default) is no secret
 
     def model_dir(self) -> str:
         """The checkpoint to load: ``model`` if set, else the demo model shipped in the package.

@@ -57,7 +57,9 @@ def cluster(redis_server):
         ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False)
         port = _free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        app = build_app({"workers": 2, "num_cpus": 0.5, "settings": {"redis_url": redis_server.url}})
+        # Replicas share Redis values only when they share the HMAC secret of the cache (QZOOM_CACHE_SECRET).
+        shared = {"redis_url": redis_server.url, "cache_secret": "the replicas' secret"}
+        app = build_app({"workers": 2, "num_cpus": 0.5, "settings": shared})
         serve.run(app, name=APP, route_prefix="/")
     except Exception as err:
         if ray.is_initialized():
