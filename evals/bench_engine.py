@@ -6,12 +6,15 @@
 2. The zoom step's second prefill with KV reuse (layers < K on the new tail only, layers >= K over the fused sequence)
    vs a full recompute of the fused sequence through all layers, with K/L as in the 7B model (18/28).
 
-Runs alternate between the variants (A, B, A, B, ...) so that load on the machine hits both alike; medians reported.
+Runs alternate between the variants (A, B, A, B, ...) so that load on the machine hits both alike; medians reported;
+the device is synchronised around each run and the output names device, dtype, threads and machine load.
+`gate_closed_vs_stock` and `kv_reuse_vs_recompute` take any engine (`qzoom bench paper-scale` runs them at 7B size).
 `qzoom bench engine --help` lists the knobs; the defaults take about a minute on 2 CPU cores.
 """
 
 from __future__ import annotations
 
+import os
 import statistics
 import time
 from collections.abc import Callable
@@ -63,20 +66,44 @@ def _median_ms(samples: list[float]) -> float:
     return statistics.median(samples) * 1000.0
 
 
-@torch.no_grad()  # the whole benchmark, not the process: tests run after it
-def run_engine_benchmark(
-    *,
-    layers: int = 28,
-    split: int = 18,
-    hidden: int = 256,
-    tokens: int = 576,
-    repeats: int = 5,
-    new_tokens: int = 8,
-    echo: Callable[[str], Any] = print,
-) -> dict[str, float]:
-    engine = build_engine(layers, split, hidden)
+def sync(device: torch.device) -> None:
+    """Wait for the device's queued work, so that a timer read after it measures the work (CUDA is asynchronous)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def environment(engine: QZoomEngine) -> str:
+    """One line naming where a benchmark ran: device (GPU name), dtype, torch threads, CPUs and the load average."""
+    device = engine.device
+    where = f"{device} ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else str(device)
+    load = f"{os.getloadavg()[0]:.1f}" if hasattr(os, "getloadavg") else "n/a"
+    dtype = str(engine.dtype).removeprefix("torch.")
+    return (
+        f"device {where}; dtype {dtype}; torch threads {torch.get_num_threads()} of {os.cpu_count()} CPUs; load {load}"
+    )
+
+
+def alternate(variants: dict[str, Callable[[], Any]], repeats: int, device: torch.device) -> dict[str, float]:
+    """Median milliseconds of each variant over ``repeats`` runs, taken in turn (A, B, A, B, ...) so that load on
+    the machine hits all alike; the device is synchronised around every run."""
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    for _ in range(repeats):
+        for name, fn in variants.items():
+            sync(device)
+            start = time.perf_counter()
+            fn()
+            sync(device)
+            times[name].append(time.perf_counter() - start)
+    return {name: _median_ms(t) for name, t in times.items()}
+
+
+def gate_closed_vs_stock(
+    engine: QZoomEngine, image: Image.Image, tokens: int, repeats: int, new_tokens: int
+) -> tuple[dict[str, float], bool]:
+    """Median ms of the whole pipeline with the gate evaluated and closed vs the processor + stock `generate` on the
+    same image, budget and weights; and whether both produced the same tokens (also the warm-up)."""
     model, processor = engine.model, engine.processor
-    image, query = bench_image(), "What is written in the blue box?"
+    query = "What is written in the blue box?"
     budget = tokens * 28 * 28
     closed = AskOptions(gate_thresh=1.0, max_new_tokens=new_tokens, min_pixels=budget, max_pixels=budget)
 
@@ -92,21 +119,19 @@ def run_engine_benchmark(
             images=[image],
             images_kwargs={"size": {"shortest_edge": budget, "longest_edge": budget}},
             return_tensors="pt",
-        )
+        ).to(engine.device)
         out = model.generate(**inputs, max_new_tokens=new_tokens, do_sample=False)
         return [t for t in out[0, inputs["input_ids"].shape[1] :].tolist() if t not in engine.stop_ids]
 
-    assert ours() == stock(), "gate-closed tokens differ from stock generate"  # also the warm-up
-    t_ours: list[float] = []
-    t_stock: list[float] = []
-    for _ in range(repeats):
-        for fn, sink in ((ours, t_ours), (stock, t_stock)):
-            start = time.perf_counter()
-            fn()
-            sink.append(time.perf_counter() - start)
-    gate_ratio = _median_ms(t_ours) / _median_ms(t_stock)
+    same = ours() == stock()
+    return alternate({"ours": ours, "stock": stock}, repeats, engine.device), same
 
-    # Second prefill: KV reuse vs full recompute on one fused (global + RoI) sequence.
+
+def kv_reuse_vs_recompute(engine: QZoomEngine, image: Image.Image, tokens: int, repeats: int) -> dict[str, Any]:
+    """The zoom step's second prefill with KV reuse (layers < K on the new tail only, layers >= K over the fused
+    sequence) vs a full recompute of the fused sequence through all layers: median ms of each, sequence sizes."""
+    budget = tokens * 28 * 28
+    query = "What is written in the blue box?"
     st = engine.new_state(
         image, query, AskOptions(force_zoom=True, roi_thresh=0.0, min_pixels=budget, max_pixels=budget)
     )
@@ -114,6 +139,7 @@ def run_engine_benchmark(
     engine.encode([st])
     engine.prefill([st])
     engine.zoom([st], engine.propose([st]))
+    split, model = engine.split, engine.model
     prefix = st.blocks[0].end
     tail, tail_pos = st.embeds[prefix:], st.positions[:, prefix:]
     past = [(k[:, :prefix], v[:, :prefix]) for k, v in st.kv_below_k]
@@ -131,37 +157,50 @@ def run_engine_benchmark(
 
     reuse()
     recompute()
-    t_reuse: list[float] = []
-    t_full: list[float] = []
-    for _ in range(repeats):
-        for fn2, sink in ((reuse, t_reuse), (recompute, t_full)):
-            start = time.perf_counter()
-            fn2()
-            sink.append(time.perf_counter() - start)
-    reuse_ratio = _median_ms(t_reuse) / _median_ms(t_full)
+    ms = alternate({"reuse": reuse, "recompute": recompute}, repeats, engine.device)
+    return {**ms, "total": st.input_ids.numel(), "prefix": prefix, "global": st.blocks[0].num_tokens}
 
-    n_global, n_total = st.blocks[0].num_tokens, st.input_ids.numel()
+
+@torch.no_grad()  # the whole benchmark, not the process: tests run after it
+def run_engine_benchmark(
+    *,
+    layers: int = 28,
+    split: int = 18,
+    hidden: int = 256,
+    tokens: int = 576,
+    repeats: int = 5,
+    new_tokens: int = 8,
+    echo: Callable[[str], Any] = print,
+) -> dict[str, float]:
+    engine = build_engine(layers, split, hidden)
+    image = bench_image()
+    gate, same = gate_closed_vs_stock(engine, image, tokens, repeats, new_tokens)
+    assert same, "gate-closed tokens differ from stock generate"
+    gate_ratio = gate["ours"] / gate["stock"]
+    kv = kv_reuse_vs_recompute(engine, image, tokens, repeats)
+    reuse_ratio = kv["reuse"] / kv["recompute"]
+    n_total, prefix = kv["total"], kv["prefix"]
     echo(f"model: random Qwen2.5-VL, L={layers} K={split} hidden={hidden}; {tokens}-token views; {repeats} runs each")
-    echo(f"threads: {torch.get_num_threads()}; device: {engine.device}")
+    echo(environment(engine))
     echo("")
     echo("1. gate-closed path vs stock generate (same image, budget, weights; identical tokens)")
-    echo(f"   qzoom gate-closed  {_median_ms(t_ours):9.1f} ms")
-    echo(f"   stock generate     {_median_ms(t_stock):9.1f} ms")
+    echo(f"   qzoom gate-closed  {gate['ours']:9.1f} ms")
+    echo(f"   stock generate     {gate['stock']:9.1f} ms")
     echo(f"   ratio              {gate_ratio:9.3f}x   (target <= 1.10x)")
     echo("")
     echo(f"2. second prefill of the fused sequence ({n_total} tokens, {n_total - prefix} after the kept prefix)")
-    echo(f"   KV reuse           {_median_ms(t_reuse):9.1f} ms")
-    echo(f"   full recompute     {_median_ms(t_full):9.1f} ms")
+    echo(f"   KV reuse           {kv['reuse']:9.1f} ms")
+    echo(f"   full recompute     {kv['recompute']:9.1f} ms")
     echo(
         f"   ratio              {reuse_ratio:9.3f}x   (saving {(1 - reuse_ratio) * 100:.0f}%; "
         f"ideal {(split * (n_total - prefix) + (layers - split) * n_total) / (layers * n_total):.3f}x by token-layers)"
     )
-    echo(f"   global view tokens: {n_global}")
+    echo(f"   global view tokens: {kv['global']}")
     return {
-        "gate_closed_ms": _median_ms(t_ours),
-        "stock_generate_ms": _median_ms(t_stock),
+        "gate_closed_ms": gate["ours"],
+        "stock_generate_ms": gate["stock"],
         "gate_closed_ratio": gate_ratio,
-        "kv_reuse_ms": _median_ms(t_reuse),
-        "recompute_ms": _median_ms(t_full),
+        "kv_reuse_ms": kv["reuse"],
+        "recompute_ms": kv["recompute"],
         "kv_reuse_ratio": reuse_ratio,
     }

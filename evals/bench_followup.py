@@ -9,7 +9,9 @@ Two ratios, each measured side by side in one process (runs alternate, medians r
    Python process, with an empty in-process cache, then times follow-ups on those images (served from Redis) against
    cold asks on unseen images. Target: at least 2x faster.
 
-Both for a question the gate answers directly and for one that zooms. The model is random, shaped like
+For a question the gate answers directly, for one that zooms on the whole image (the follow-up's crop is the same,
+a cache hit) and for one that zooms on a small box near the RPN map's peak, which moves with the question (the
+follow-up encodes a new crop; the output counts how often the boxes differed). The model is random, shaped like
 Qwen2.5-VL-7B (`bench_engine.build_engine`); images are 1024x768 at a 576-token budget. Redis: `--redis-url`, else
 `QZOOM_REDIS_URL`, else a private `redis-server` started for the run (skipped with a note when there is none).
 """
@@ -34,7 +36,7 @@ from qzoom.agent import run
 from qzoom.cache import FeatureCache
 from qzoom.checkpoint import save_checkpoint
 from qzoom.engine import QZoomEngine
-from qzoom.evals.bench_engine import bench_image, build_engine
+from qzoom.evals.bench_engine import bench_image, build_engine, environment
 from qzoom.schemas import AskOptions
 from qzoom.testing import RedisServer, redis_server_binary
 
@@ -47,8 +49,12 @@ def scenarios(tokens: int, new_tokens: int) -> dict[str, AskOptions]:
     common = {"max_new_tokens": new_tokens, "min_pixels": budget, "max_pixels": budget}
     return {
         "gate closed": AskOptions(gate_thresh=1.0, **common),
-        # τ_roi = 0 always yields a box (the random SD-RPN is not trained): every request really zooms.
+        # τ_roi = 0 always yields a box (the random SD-RPN is not trained): every request really zooms, on the whole
+        # image, so the follow-up's crop is the first question's and its features are a cache hit.
         "zoomed": AskOptions(gate_thresh=0.0, roi_thresh=0.0, **common),
+        # Only the cells near the map's peak: a small box that moves with the question, so the follow-up zooms on
+        # another region and must encode a new crop (the output says whether the boxes differed).
+        "new region": AskOptions(gate_thresh=0.0, roi_thresh=0.0, roi_peak_frac=0.9, **common),
     }
 
 
@@ -56,7 +62,9 @@ def _ask(engine: QZoomEngine, image_seed: int, query: str, options: AskOptions) 
     st = engine.new_state(bench_image_seeded(image_seed), query, options)
     start = time.perf_counter()
     run(engine, [st])
-    return time.perf_counter() - start, [*st.cache_hits, f"{st.zoom_steps} zoom steps"]
+    seconds = time.perf_counter() - start
+    boxes = [block.box.as_list() for block in st.blocks[1:]]
+    return seconds, [*st.cache_hits, f"{st.zoom_steps} zoom steps", f"boxes {boxes}"]
 
 
 def bench_image_seeded(seed: int) -> Any:
@@ -107,6 +115,7 @@ def run_followup_benchmark(
         f"model: random Qwen2.5-VL, L={layers} K={split} hidden={hidden}; {tokens}-token views; "
         f"answers of {new_tokens} tokens; {repeats} runs each"
     )
+    echo(environment(engine))
     results: dict[str, float] = {}
 
     # 1. L1, same process.
@@ -116,14 +125,18 @@ def run_followup_benchmark(
         _ask(engine, 10_000, FIRST, opts)  # warm-up
         cold: list[float] = []
         warm: list[float] = []
+        moved = 0
         for r in range(repeats):
-            t_cold, _ = _ask(engine, 20_000 + r, FIRST, opts)
+            t_cold, first = _ask(engine, 20_000 + r, FIRST, opts)
             t_warm, hits = _ask(engine, 20_000 + r, SECOND, opts)
             cold.append(t_cold)
             warm.append(t_warm)
+            moved += first[-1] != hits[-1]
         ratio = statistics.median(cold) / statistics.median(warm)
         results[f"l1_{name}"] = ratio
-        reused = ", ".join(sorted(set(hits)))
+        reused = ", ".join(sorted(h for h in set(hits) if not h.startswith("boxes")))
+        if name != "gate closed":
+            reused += f"; the follow-up's box differed from the first's in {moved}/{repeats} runs"
         echo(
             f"   {name:12s} cold {statistics.median(cold) * 1000:8.1f} ms   follow-up "
             f"{statistics.median(warm) * 1000:8.1f} ms   {ratio:5.2f}x faster   (reused: {reused})"

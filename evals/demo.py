@@ -298,7 +298,8 @@ def plot_pareto(report: DemoReport, path: str | Path) -> Path:
     diagnostic (the ground-truth box, not a method) and is drawn hollow.
     """
     import matplotlib
-    import matplotlib.ticker
+
+    from qzoom.evals.plots import log_axis
 
     matplotlib.use("Agg")  # files only: no display on servers and CI
     import matplotlib.pyplot as plt
@@ -325,8 +326,7 @@ def plot_pareto(report: DemoReport, path: str | Path) -> Path:
             x, y = point(name)
             ax.plot([x], [y], linestyle="none", **style)
     ax.set_xscale("log")
-    ax.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))  # 2, not 2x10^0
-    ax.xaxis.set_minor_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+    log_axis(ax.xaxis)  # labels at 1-2-5 steps only: minor labels on a log axis overlap
     ax.set_xlabel("throughput, items/s (whole pipeline, log scale)")
     ax.set_ylabel("exact match, all questions (%)")
     n = len(report.detail)

@@ -33,7 +33,8 @@ def pareto_front(points: Sequence[tuple[float, float]], *, larger_x_better: bool
     return sorted(set(front))
 
 
-def _log_axis(axis: Any) -> None:
+def log_axis(axis: Any) -> None:
+    """Plain-number labels at 1-2-5 steps of a log axis, none at the minor ticks (where they would overlap)."""
     import matplotlib.ticker as ticker
 
     axis.set_major_locator(ticker.LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
@@ -77,7 +78,7 @@ def plot_sweep(points: dict[str, dict[str, Any]], title: str, out_dir: str | Pat
             fx, fy = zip(*front, strict=True)
             ax.plot(fx, fy, linestyle="--", color="black", linewidth=0.8, alpha=0.6, label="Pareto front")
         ax.set_xscale("log")
-        _log_axis(ax.xaxis)
+        log_axis(ax.xaxis)
         ax.set_xlabel(xlabel)
         ax.set_ylabel("accuracy (%)")
         ax.set_title(title, fontsize=10)
