@@ -81,8 +81,9 @@ def paper_config(shape: Shape) -> Any:
         vision_heads=shape.vision_heads,
         vocab_size=QWEN25_VOCAB,
     )
-    config.vision_config.intermediate_size = shape.vision_mlp
-    config.vision_config.fullatt_block_indexes = list(shape.full_attention)
+    vision: Any = config.vision_config
+    vision.intermediate_size = shape.vision_mlp
+    vision.fullatt_block_indexes = list(shape.full_attention)
     return enable_qzoom(config, twig_K=shape.split, twig_T=3)
 
 
