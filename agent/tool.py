@@ -6,7 +6,8 @@
     result = await runner.zoom(ZoomArgs(image_id=image_id, query="What is written on the sign?"))   # SD-RPN box
 
 A caller's box is mapped from its frame into original pixels, grown by the margin, clamped into the image and to
-the minimum side (28 px, one Qwen2.5-VL token); without a box the SD-RPN proposes one for the query (the gate's
+the minimum side (28 px, one Qwen2.5-VL token); a box entirely outside the image is a ValueError naming the image
+size (`frames.BoxOutsideImage`). Without a box the SD-RPN proposes one for the query (the gate's
 score comes along when the checkpoint has a gate). The crop is cut from the original image and returned as PNG,
 optionally downscaled to `output_max_side`.
 """
@@ -28,7 +29,7 @@ from qzoom.guards import probe_image
 from qzoom.images import load_image
 from qzoom.roi import PixelBox
 from qzoom.schemas import AskOptions
-from qzoom.tools.frames import clamp_box, expand_box
+from qzoom.tools.frames import check_inside, clamp_box, expand_box
 from qzoom.tools.schema import HeatmapSummary, ZoomArgs, ZoomResult
 from qzoom.worker import Worker
 
@@ -126,13 +127,17 @@ class ZoomToolRunner:
         wh = (image.width, image.height)
         margin = args.margin or 0.0
         if args.box is not None:
-            raw = expand_box(args.box.to_original(wh), margin) if margin else args.box.to_original(wh)
+            requested = args.box.to_original(wh)
+            # Checked before the margin: a box outside the image is a caller's mistake, not a region to grow into.
+            check_inside(requested, wh, shown=f"{list(args.box.coords)} (frame {args.box.frame.value})")
+            raw = expand_box(requested, margin) if margin else requested
             box = clamp_box(raw, wh, min_side=MIN_SIDE, max_aspect=MAX_ASPECT)
             return ZoomResult(
                 crop_png_b64=png_b64(self._crop(image, box, args.output_max_side)),
                 crop_wh=list(self._crop_size(box, args.output_max_side)),
                 box=list(box),
                 image_wh=list(wh),
+                found=True,
                 box_source="caller",
                 frame=args.box.frame,
                 requested_box=list(args.box.coords),
@@ -168,9 +173,9 @@ class ZoomToolRunner:
 
     async def propose(
         self, image: Image.Image, query: str, *, max_boxes: int | None = None, margin: float = 0.0
-    ) -> tuple[list[PixelBox], float | None, HeatmapSummary]:
-        """The SD-RPN's boxes for `query` (the whole image when no cell passes τ_roi), the gate's score when the
-        checkpoint has a gate, and a summary of the probability map."""
+    ) -> tuple[list[PixelBox], bool, float | None, HeatmapSummary]:
+        """The SD-RPN's boxes for `query` (the whole image when no cell passes τ_roi), whether any cell did
+        (`found`), the gate's score when the checkpoint has a gate, and a summary of the probability map."""
         proposal, gate_score, roi_thresh = await self.proposal(image, query, max_boxes=max_boxes, margin=margin)
         prob = proposal.prob.float()
         summary = HeatmapSummary(
@@ -180,13 +185,15 @@ class ZoomToolRunner:
             mean_prob=float(prob.mean()),
             cells_above=int((prob > roi_thresh).sum()),
         )
-        return proposal.boxes or [proposal.block.box], gate_score, summary
+        return proposal.boxes or [proposal.block.box], bool(proposal.boxes), gate_score, summary
 
     async def _proposed(self, image: Image.Image, args: ZoomArgs) -> ZoomResult:
         """No box: the SD-RPN proposes one for the query (gate score included when there is a gate)."""
         # One crop comes back, so it is the paper's one box around every cell the SD-RPN lit, whatever number of
         # boxes the checkpoint zooms on by itself.
-        boxes, gate_score, summary = await self.propose(image, args.query or "", max_boxes=1, margin=args.margin or 0.0)
+        boxes, found, gate_score, summary = await self.propose(
+            image, args.query or "", max_boxes=1, margin=args.margin or 0.0
+        )
         b = boxes[0]
         box = (b.x0, b.y0, b.x1, b.y1)
         return ZoomResult(
@@ -194,6 +201,7 @@ class ZoomToolRunner:
             crop_wh=list(self._crop_size(box, args.output_max_side)),
             box=list(box),
             image_wh=[image.width, image.height],
+            found=found,
             box_source="sd_rpn",
             gate_score=gate_score,
             heatmap=summary,

@@ -123,7 +123,7 @@ def create_app(
             state.loader = asyncio.create_task(_load(state, factory, worker_factory), name="qzoom-load")
             try:
                 # A mounted app's own lifespan never runs: the MCP session manager is entered here.
-                async with mcp_server.session_manager.run():
+                async with mcp_sessions.run():
                     yield
             finally:
                 state.ready = False
@@ -150,5 +150,5 @@ def create_app(
     app.include_router(images.router, dependencies=[Depends(require_api_key)])
     app.include_router(tools.router, dependencies=[Depends(require_api_key)])
     app.include_router(think.router, dependencies=[Depends(require_api_key)])
-    mcp_server = mount_mcp(app, settings)
+    mcp_sessions = mount_mcp(app, settings)
     return app

@@ -9,10 +9,9 @@ import io
 import json
 from typing import Any
 
-import pytest
+from langchain.agents import create_agent
 from langchain_core.language_models.fake_chat_models import FakeMessagesListChatModel
 from langchain_core.messages import AIMessage, HumanMessage, ToolMessage
-from langgraph.prebuilt import create_react_agent
 from PIL import Image
 from pydantic import Field
 
@@ -24,7 +23,6 @@ from qzoom.worker import Worker
 
 IMAGE = scene(640, 480, 41)
 # `langchain.agents.create_agent` is its successor, but `langchain` is not a dependency; langgraph's still works.
-pytestmark = pytest.mark.filterwarnings("ignore:create_react_agent has been moved")
 
 
 class ToolCallingFake(FakeMessagesListChatModel):
@@ -46,7 +44,7 @@ def run_agent(engine, script):
             runner = ZoomToolRunner(worker)
             image_id = runner.images.put(IMAGE)
             model = ToolCallingFake(responses=script(image_id), seen=[])
-            agent = create_react_agent(model, [make_zoom_tool(runner)])
+            agent = create_agent(model, [make_zoom_tool(runner)])
             out = await agent.ainvoke({"messages": [HumanMessage("What is in the top-right quarter?")]})
             return out["messages"], model.seen
 

@@ -571,3 +571,31 @@ def test_tool_modules_import_no_torch() -> None:
     # DESIGN.md: agents use the tool client without torch. A failure here usually means a package on the import path
     # (qzoom/__init__.py included, since qzoom.tools lives inside qzoom) imports torch eagerly.
     assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_a_tool_call_mentioned_while_thinking_does_not_swallow_the_real_call():
+    real = '<tool_call>{"name": "image_zoom_in_tool", "arguments": {"bbox_2d": [10, 20, 110, 220]}}</tool_call>'
+    text = f"<think>I should write <tool_call> with the box of the sign.</think>{real}"
+    (call,) = parse_zoom_calls(text, "deepeyes")
+    assert call.boxes == ((10.0, 20.0, 110.0, 220.0),) and call.raw == real
+    assert text[call.span[0] : call.span[1]] == real
+    # Reasoning opened by the chat template (no <think> in the turn) is masked up to its </think>.
+    (call,) = parse_zoom_calls(f"a <tool_call> is due</think>\n{real}", "deepeyes")
+    assert call.raw == real
+    # Without the mask the mention would open a block that swallows the call: malformed JSON.
+    with pytest.raises(ZoomCallError):
+        parse_zoom_calls(f"I should write <tool_call> now. {real}", "deepeyes")
+
+
+def test_a_box_outside_the_image_is_an_error_naming_the_image_size():
+    (call,) = parse_zoom_calls(
+        '<tool_call>{"name": "image_zoom_in_tool", "arguments": {"bbox_2d": [5000, 5000, 6000, 6000]}}</tool_call>',
+        "deepeyes",
+    )
+    with pytest.raises(ZoomCallError, match=r"lies entirely outside the image, which is 2000x1500 pixels"):
+        call.pixel_boxes((2000, 1500))
+    (edge,) = parse_zoom_calls(
+        '<tool_call>{"name": "image_zoom_in_tool", "arguments": {"bbox_2d": [1990, 1400, 2100, 1600]}}</tool_call>',
+        "deepeyes",
+    )
+    assert edge.pixel_boxes((2000, 1500)) == ((1972, 1400, 2000, 1500),)  # overlapping: clipped as before

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 from qzoom.tools.frames import (
     Frame,
@@ -38,8 +38,7 @@ from qzoom.tools.schema import (
     ZoomResult,
     decode_image_data,
     openai_tool,
-    strict_json_schema,
-    strict_schema_problems,
+    strict_parameters,
 )
 
 SNAPSHOT = Path(__file__).parent / "snapshots" / "zoom_args.schema.json"
@@ -335,6 +334,7 @@ def test_zoom_result_caller_box() -> None:
         crop_wh=[8, 6],
         box=[10, 20, 90, 80],
         image_wh=[640, 480],
+        found=True,
         box_source="caller",
         frame=Frame.UNIT,
         requested_box=[0.015625, 0.041666, 0.140625, 0.166666],
@@ -355,6 +355,7 @@ def test_zoom_result_sd_rpn_box() -> None:
             "crop_wh": [8, 6],
             "box": [0, 0, 640, 480],
             "image_wh": [640, 480],
+            "found": False,
             "box_source": "sd_rpn",
             "gate_score": 0.87,
             "heatmap": heat.model_dump(),
@@ -375,6 +376,7 @@ def test_zoom_result_sd_rpn_box() -> None:
         ({"gate_score": 0.5}, "SD-RPN boxes only"),
         ({"box_source": "sd_rpn"}, "no caller frame"),
         ({"box_source": "sd_rpn", "frame": None, "requested_box": None}, "must carry its heatmap"),
+        ({"found": False}, "a caller's box is always found"),
     ],
 )
 def test_zoom_result_errors(change: dict[str, Any], problem: str) -> None:
@@ -383,6 +385,7 @@ def test_zoom_result_errors(change: dict[str, Any], problem: str) -> None:
         "crop_wh": [8, 6],
         "box": [10, 20, 90, 80],
         "image_wh": [640, 480],
+        "found": True,
         "box_source": "caller",
         "frame": "original_px",
         "requested_box": [10, 20, 90, 80],
@@ -440,7 +443,7 @@ def _keys(node: Any) -> set[str]:
 
 @pytest.mark.parametrize("model", [ZoomArgs, ZoomBox, ZoomResult, HeatmapSummary])
 def test_schemas_are_strict_valid(model: type[BaseModel]) -> None:
-    for schema in (model.model_json_schema(), strict_json_schema(model)):
+    for schema in (model.model_json_schema(), strict_parameters(model)):
         assert schema["type"] == "object" and "anyOf" not in schema
         objects = _objects(schema)
         assert objects
@@ -448,7 +451,6 @@ def test_schemas_are_strict_valid(model: type[BaseModel]) -> None:
             assert obj.get("additionalProperties") is False, path
             assert sorted(obj["required"]) == sorted(obj["properties"]), path
         assert not _keys(schema) & {"default", "format", "minItems", "maxItems", "minimum", "maximum", "prefixItems"}
-        assert strict_schema_problems(schema) == []
 
 
 def test_optional_fields_are_required_but_nullable() -> None:
@@ -459,10 +461,9 @@ def test_optional_fields_are_required_but_nullable() -> None:
 
 
 def test_strict_schema_snapshot() -> None:
-    schema = strict_json_schema(ZoomArgs)
-    assert SNAPSHOT.exists(), (
-        f"missing snapshot; write json.dumps(strict_json_schema(ZoomArgs), indent=2) to {SNAPSHOT}"
-    )
+    schema = strict_parameters(ZoomArgs)
+    assert schema == ZoomArgs.model_json_schema()  # already strict: openai's helper changes nothing
+    assert SNAPSHOT.exists(), f"missing snapshot; write json.dumps(strict_parameters(ZoomArgs), indent=2) to {SNAPSHOT}"
     assert json.loads(SNAPSHOT.read_text()) == schema, (
         "the zoom tool's strict schema changed: review and update the snapshot"
     )
@@ -472,125 +473,13 @@ def test_openai_tool_shapes() -> None:
     chat = openai_tool()
     assert chat["type"] == "function" and chat["function"]["strict"] is True
     assert re.fullmatch(r"[a-zA-Z0-9_-]{1,64}", chat["function"]["name"]) and chat["function"]["name"] == ZOOM_TOOL_NAME
-    assert chat["function"]["parameters"] == strict_json_schema(ZoomArgs)
+    assert chat["function"]["parameters"] == strict_parameters(ZoomArgs)
     flat = openai_tool("responses")
     assert (
         flat["name"] == ZOOM_TOOL_NAME
         and flat["strict"] is True
         and flat["parameters"] == chat["function"]["parameters"]
     )
-
-
-class _Inner(BaseModel):
-    a: int = Field(3, ge=0, le=10, description="a number")
-
-
-class _Loose(BaseModel):
-    """A model written without strict mode in mind."""
-
-    name: str = Field("x", min_length=1, pattern="^[a-z]+$")
-    when: str | None = None
-    pair: tuple[float, float] = (0.0, 0.0)
-    inner: _Inner = Field(default_factory=_Inner, description="an inner object")
-    tags: list[str] = Field(default_factory=list, max_length=3)
-    mode: Frame = Field(Frame.UNIT, description="a frame")
-
-
-def test_strict_json_schema_rewrites_a_loose_model() -> None:
-    raw = _Loose.model_json_schema()
-    assert strict_schema_problems(raw)  # not strict as pydantic writes it
-    out = strict_json_schema(_Loose)
-    assert strict_schema_problems(out) == []
-    props = out["properties"]
-    assert out["required"] == ["name", "when", "pair", "inner", "tags", "mode"]
-    assert props["pair"]["items"] == {"type": "number"} and "exactly" not in props["pair"].get("description", "x")
-    assert "min items 2" in props["pair"]["description"] and "max items 2" in props["pair"]["description"]
-    assert "min length 1" in props["name"]["description"] and "pattern ^[a-z]+$" in props["name"]["description"]
-    assert "max items 3" in props["tags"]["description"]
-    # $ref with a description sibling was inlined; the inner object is strict too.
-    assert "$ref" not in props["inner"] and props["inner"]["additionalProperties"] is False
-    assert props["inner"]["properties"]["a"]["description"] == "a number (Constraints: >= 0, <= 10.)"
-    assert props["mode"]["enum"] == [f.value for f in Frame]
-    assert "default" not in _keys(out)
-
-
-def test_strict_json_schema_rewrites_keywords() -> None:
-    schema: dict[str, Any] = {
-        "type": "object",
-        "properties": {
-            "kind": {"const": "zoom"},
-            "either": {"oneOf": [{"type": "string"}, {"type": "integer"}]},
-            "merged": {"allOf": [{"type": "object", "properties": {"x": {"type": "number"}}}], "description": "m"},
-        },
-    }
-    out = strict_json_schema(schema)
-    assert out["properties"]["kind"] == {"enum": ["zoom"]}
-    assert out["properties"]["either"] == {"anyOf": [{"type": "string"}, {"type": "integer"}]}
-    merged = out["properties"]["merged"]
-    assert merged["description"] == "m" and merged["required"] == ["x"] and merged["additionalProperties"] is False
-    assert schema["properties"]["kind"] == {"const": "zoom"}  # the input is not mutated
-
-
-@pytest.mark.parametrize(
-    ("schema", "problem"),
-    [
-        ({"anyOf": [{"type": "object"}]}, "root of a strict schema"),
-        (
-            {"type": "object", "properties": {"d": {"type": "object", "additionalProperties": {"type": "string"}}}},
-            "free-form",
-        ),
-        (
-            {
-                "type": "object",
-                "properties": {"t": {"type": "array", "prefixItems": [{"type": "string"}, {"type": "integer"}]}},
-            },
-            "mixed item types",
-        ),
-        ({"type": "object", "properties": {"n": {"not": {"type": "string"}}}}, "'not'"),
-        ({"type": "object", "properties": {"n": {"allOf": [{"type": "string"}, {"minLength": 1}]}}}, "allOf with 2"),
-    ],
-)
-def test_strict_json_schema_refuses_the_inexpressible(schema: dict[str, Any], problem: str) -> None:
-    with pytest.raises(ValueError, match=problem):
-        strict_json_schema(schema)
-
-
-def test_strict_schema_problems_finds_violations() -> None:
-    bad = {
-        "type": "object",
-        "properties": {
-            "a": {"type": "string", "default": "x"},
-            "b": {"$ref": "#/$defs/B", "description": "b"},
-            "c": {"type": "array"},
-        },
-        "required": ["a"],
-        "$defs": {"B": {"type": "object", "properties": {"x": {"type": "integer"}}, "required": ["x"]}},
-    }
-    problems = "\n".join(strict_schema_problems(bad))
-    for expected in (
-        "additionalProperties must be false",
-        "required must list every property",
-        "'default'",
-        "$ref must stand alone",
-        "array without items",
-        "#/$defs/B: additionalProperties",
-    ):
-        assert expected in problems, expected
-    deep: dict[str, Any] = {"type": "object", "properties": {}, "required": [], "additionalProperties": False}
-    node = deep
-    for i in range(6):
-        child = {"type": "object", "properties": {}, "required": [], "additionalProperties": False}
-        node["properties"][f"l{i}"] = child
-        node["required"].append(f"l{i}")
-        node = child
-    assert any("levels of object nesting" in p for p in strict_schema_problems(deep))
-    wide: dict[str, Any] = {
-        "type": "object",
-        "properties": {f"p{i}": {"type": "string"} for i in range(101)},
-        "additionalProperties": False,
-    }
-    wide["required"] = list(wide["properties"])
-    assert any("101 properties" in p for p in strict_schema_problems(wide))
 
 
 def test_lenient_validation_of_omitted_fields_is_compatible_with_required_schema() -> None:

@@ -38,6 +38,10 @@ Contract
      because the Qwen resize refuses crops above its own ratio limit.
 
   `clamp_box` is idempotent: a clamped box clamps to itself.
+* `check_inside` refuses a box that lies entirely outside the image (no pixel in common: it would otherwise clamp
+  to a 28 px corner crop that the caller never asked for) with `BoxOutsideImage`, a ValueError naming the box and
+  the image size. The zoom tool and the RL parsers (`ZoomCall.pixel_boxes`) call it before clamping; a box that
+  overlaps the image by any amount is clipped as above.
 * `smart_resize` is Qwen's resize rule (transformers ``Qwen2VLImageProcessor``), used to know the resized frame:
   both sides multiples of ``factor`` (28 for Qwen2/2.5-VL, 32 for Qwen3-VL), pixel count inside
   ``[min_pixels, max_pixels]``, aspect ratio kept as closely as possible; ratios above 200 are refused.
@@ -52,8 +56,10 @@ from enum import StrEnum
 __all__ = [
     "QWEN_MAX_ASPECT",
     "Box",
+    "BoxOutsideImage",
     "Frame",
     "PixelBox",
+    "check_inside",
     "clamp_box",
     "convert",
     "expand_box",
@@ -201,6 +207,25 @@ def _shrink(a: int, b: int, target: int) -> tuple[int, int]:
     """Shrink ``[a, b)`` to ``target`` about its centre."""
     a += (b - a - target) // 2
     return a, a + target
+
+
+class BoxOutsideImage(ValueError):
+    """A box with no pixel inside the image; the message names the box and the image size."""
+
+
+def check_inside(box: Sequence[float], image_wh: Sequence[int], *, shown: str | None = None) -> None:
+    """Raise `BoxOutsideImage` when ``box`` (float original pixels, corners in any order) has no area inside the
+    image; ``shown`` is how the message quotes the box (default: the pixel numbers)."""
+    w, h = _as_size(image_wh, "image_wh")
+    x0, y0, x1, y1 = _as_box(box)
+    x0, x1 = sorted((x0, x1))
+    y0, y1 = sorted((y0, y1))
+    if x1 <= 0 or y1 <= 0 or x0 >= w or y0 >= h:
+        quoted = shown or "[" + ", ".join(f"{v:g}" for v in (x0, y0, x1, y1)) + "] (original pixels)"
+        raise BoxOutsideImage(
+            f"box {quoted} lies entirely outside the image, which is {w}x{h} pixels "
+            f"(x from 0 to {w}, y from 0 to {h}); send a box that overlaps the image"
+        )
 
 
 def clamp_box(box: Sequence[float], image_wh: Sequence[int], *, min_side: int, max_aspect: float) -> PixelBox:

@@ -9,6 +9,10 @@ either. Requests go to `POST /v1/images` and `POST /v1/tools/zoom`; a service er
 carrying the service's error code and message (which name what was wrong and what is accepted). `transport=` takes
 any httpx transport: `httpx.ASGITransport(app)` runs against an app in the same process, as the tests do. Local
 file paths are never sent: the service cannot read this machine's files, so `image_path` is refused by `parse`.
+
+A 503 (the worker's queue is full, or the model is still loading) is retried with tenacity: up to ``retries``
+more attempts, each after the service's ``Retry-After`` seconds (capped at ``max_wait_s``; 1 s when the header is
+absent). Other errors are raised at once: they will not change on retry.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from __future__ import annotations
 from typing import Any
 
 import httpx
+from tenacity import AsyncRetrying, RetryCallState, retry_if_result, stop_after_attempt
 
 from .schema import ZoomArgs, ZoomResult
 
@@ -32,6 +37,17 @@ class QZoomHTTPError(RuntimeError):
         self.message = message
 
 
+def _retry_after_s(state: RetryCallState, max_wait_s: float) -> float:
+    """The wait the service asked for in its last 503 (whole seconds, RFC 9110), within [0, max_wait_s]."""
+    response = state.outcome.result() if state.outcome is not None and not state.outcome.failed else None
+    header = response.headers.get("retry-after", "") if isinstance(response, httpx.Response) else ""
+    try:
+        wait = float(header)
+    except ValueError:
+        wait = 1.0  # absent, or an HTTP date: a second is the service's own default
+    return min(max(wait, 0.0), max_wait_s)
+
+
 class QZoomClient:
     """Talks to `qzoom serve`; see the module docstring."""
 
@@ -42,9 +58,25 @@ class QZoomClient:
         api_key: str | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
         timeout_s: float = 120.0,
+        retries: int = 3,
+        max_wait_s: float = 30.0,
     ) -> None:
         headers = {"X-API-Key": api_key} if api_key else {}
         self._http = httpx.AsyncClient(base_url=base_url, headers=headers, transport=transport, timeout=timeout_s)
+        self.retries = retries
+        self.max_wait_s = max_wait_s
+
+    async def _post(self, path: str, **kwargs: Any) -> httpx.Response:
+        """POST, retrying a 503 after its Retry-After; the last response is returned whatever its status."""
+        retrying = AsyncRetrying(
+            retry=retry_if_result(lambda r: r.status_code == 503),
+            wait=lambda state: _retry_after_s(state, self.max_wait_s),
+            stop=stop_after_attempt(self.retries + 1),
+            retry_error_callback=lambda state: state.outcome.result() if state.outcome is not None else None,
+            reraise=True,
+        )
+        response: httpx.Response = await retrying(self._http.post, path, **kwargs)
+        return response
 
     async def __aenter__(self) -> QZoomClient:
         return self
@@ -61,11 +93,11 @@ class QZoomClient:
 
     async def upload(self, image: bytes, filename: str = "image.png") -> str:
         """Upload encoded image bytes once; returns the `image_id` later calls can use instead of the bytes."""
-        response = await self._http.post("/v1/images", files={"image": (filename, image)})
+        response = await self._post("/v1/images", files={"image": (filename, image)})
         return str(self._json(response)["image_id"])
 
     async def zoom(self, args: ZoomArgs) -> ZoomResult:
-        response = await self._http.post("/v1/tools/zoom", json=args.model_dump(mode="json", exclude_none=True))
+        response = await self._post("/v1/tools/zoom", json=args.model_dump(mode="json", exclude_none=True))
         return ZoomResult.model_validate(self._json(response))
 
     @staticmethod

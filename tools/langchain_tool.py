@@ -2,12 +2,16 @@
 
     tool = make_zoom_tool(runner)                          # runner: a ZoomToolRunner around a started Worker
     tool = make_zoom_tool(QZoomClient("http://gpu-box:8000"))   # or the service, over HTTP (no torch here)
-    agent = create_react_agent(chat_model, [tool])
+    agent = langchain.agents.create_agent(chat_model, [tool])
     await agent.ainvoke({"messages": [...]})               # async only: the worker lives on the event loop
 
 Contract
 --------
 * name ``zoom``, ``args_schema`` = `ZoomArgs` (the one schema), ``response_format="content_and_artifact"``;
+* ``tool_call_schema`` (what ``bind_tools`` sends to the model) is the OpenAI strict schema of `ZoomArgs`
+  (`schema.strict_parameters`: every property required, optional ones nullable, ``additionalProperties: false``,
+  no defaults), so ``bind_tools([tool], strict=True)`` sends a schema that strict mode accepts as is; LangChain's
+  own subset model would drop ``required`` and add ``"default": null`` to every optional field;
 * content (what the model sees): ``[text block with ZoomResult.summary_json(), image block with the crop as base64
   PNG]``; the text comes first so that integrations that keep only text still get the box in original pixels;
 * artifact (``ToolMessage.artifact``, not shown to the model): ``ZoomResult.model_dump()`` (the PNG included);
@@ -27,7 +31,7 @@ from langchain_core.tools import BaseTool, StructuredTool, ToolException
 from pydantic import ValidationError
 
 from .http_client import QZoomClient, QZoomHTTPError
-from .schema import ZOOM_TOOL_DESCRIPTION, ZOOM_TOOL_NAME, ZoomArgs, ZoomResult
+from .schema import ZOOM_TOOL_DESCRIPTION, ZOOM_TOOL_NAME, ZoomArgs, ZoomResult, strict_parameters
 from .tool_args import describe_validation_error
 
 __all__ = ["ZoomBackend", "make_zoom_tool"]
@@ -39,6 +43,14 @@ class ZoomBackend(Protocol):
     def parse(self, arguments: dict[str, Any]) -> ZoomArgs: ...
 
     async def zoom(self, args: ZoomArgs) -> ZoomResult: ...
+
+
+class _StrictSchemaTool(StructuredTool):
+    """A StructuredTool whose tool-call schema is the strict JSON schema of its args model."""
+
+    @property
+    def tool_call_schema(self) -> dict[str, Any]:
+        return {**strict_parameters(ZoomArgs), "title": self.name, "description": self.description}
 
 
 def _tool_error(err: ValidationError | ToolException) -> str:
@@ -83,7 +95,7 @@ def make_zoom_tool(runner: ZoomBackend) -> BaseTool:
         ]
         return content, result.model_dump(mode="json")
 
-    return StructuredTool.from_function(
+    return _StrictSchemaTool(
         coroutine=zoom,
         name=ZOOM_TOOL_NAME,
         description=ZOOM_TOOL_DESCRIPTION,

@@ -16,12 +16,16 @@ Contract
 * A call that is there but wrong (malformed JSON, missing key, wrong arity, a non-number, x1 <= x0, a normalised
   value out of range, an unknown tool, too many calls or boxes) raises `ZoomCallError`. Its message quotes the
   offending text and shows the accepted form, so it can go back to the model as the tool's error turn.
+* Reasoning is not a call: a ``<think>...</think>`` block (and a turn's leading text up to a ``</think>`` whose
+  ``<think>`` was in the prompt) is masked before parsing, so a model that *mentions* ``<tool_call>`` while
+  thinking does not swallow the real call after it. Spans still index the original text.
 * A wrapper left open at the very end of the text is read as if closed: servers often cut the stop string
   (``</tool_call>``, ``</grounding>``) off the output.
 * `ZoomCall.pixel_boxes` converts to original pixels (`frames.to_original`; `RESIZED_PX` profiles compute the
   resized size with the budget the model was run at) and clamps with the profile's minimum side and aspect cap
-  (`frames.clamp_box`). What to do with the crop afterwards (the per-model box enlargement, padding, upscaling,
-  the return turn) is described by the profile and done by the tool loop.
+  (`frames.clamp_box`); a box entirely outside the image raises `ZoomCallError` naming the image size (it would
+  otherwise clamp to a corner crop nobody asked for). What to do with the crop afterwards (the per-model box
+  enlargement, padding, upscaling, the return turn) is described by the profile and done by the tool loop.
 
 Sources were read at the commits of peers.md §10 (the repository files named in each profile's ``source``); the
 system prompts are referenced there, not copied.
@@ -38,7 +42,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
-from .frames import QWEN_MAX_ASPECT, Box, Frame, PixelBox, clamp_box, to_original
+from .frames import QWEN_MAX_ASPECT, Box, BoxOutsideImage, Frame, PixelBox, check_inside, clamp_box, to_original
 from .frames import resized_wh as _resized_wh
 
 __all__ = [
@@ -174,12 +178,17 @@ class ZoomCall:
         return tuple(to_original(b, self.frame, image_wh, resized_wh) for b in self.boxes)
 
     def pixel_boxes(self, image_wh: tuple[int, int], resized_wh: tuple[int, int] | None = None) -> tuple[PixelBox, ...]:
-        """`original_boxes`, clamped to croppable integer boxes with the profile's minimum side and aspect cap."""
+        """`original_boxes`, clamped to croppable integer boxes with the profile's minimum side and aspect cap.
+
+        A box with no pixel inside the image raises `ZoomCallError` naming the image size (shown to the model)."""
         p = self.model_profile
-        return tuple(
-            clamp_box(b, image_wh, min_side=p.min_side, max_aspect=p.max_aspect)
-            for b in self.original_boxes(image_wh, resized_wh)
-        )
+        boxes = self.original_boxes(image_wh, resized_wh)
+        for written, b in zip(self.boxes, boxes, strict=True):
+            try:
+                check_inside(b, image_wh, shown=f"{list(written)} ({self.frame.description})")
+            except BoxOutsideImage as err:
+                raise ZoomCallError(str(err), self.raw, p) from None
+        return tuple(clamp_box(b, image_wh, min_side=p.min_side, max_aspect=p.max_aspect) for b in boxes)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -757,9 +766,39 @@ def _parse_actions(text: str, p: ModelProfile) -> list[ZoomCall]:
     return calls
 
 
+_THINK_OPEN, _THINK_CLOSE = "<think>", "</think>"
+
+
+def _mask_thinking(text: str) -> str:
+    """``text`` with every closed ``<think>`` block (and text before a leading unopened ``</think>``) blanked out,
+    length kept, so that spans and raw snippets of the calls outside still index the original text."""
+    spans: list[tuple[int, int]] = []
+    first_close, first_open = text.find(_THINK_CLOSE), text.find(_THINK_OPEN)
+    pos = 0
+    if first_close != -1 and (first_open == -1 or first_close < first_open):
+        # The chat template opened <think> in the prompt: the turn starts inside the reasoning.
+        pos = first_close + len(_THINK_CLOSE)
+        spans.append((0, pos))
+    while (start := text.find(_THINK_OPEN, pos)) != -1:
+        end = text.find(_THINK_CLOSE, start)
+        if end == -1:
+            break  # unclosed: not masked (a call after a forgotten </think> is still a call)
+        pos = end + len(_THINK_CLOSE)
+        spans.append((start, pos))
+    if not spans:
+        return text
+    out, last = [], 0
+    for a, b in spans:
+        out += [text[last:a], " " * (b - a)]
+        last = b
+    out.append(text[last:])
+    return "".join(out)
+
+
 def parse_zoom_calls(text: str, profile: str | ModelProfile) -> list[ZoomCall]:
     """The zoom calls in one model turn ``text``, read with ``profile``'s syntax; raises `ZoomCallError`."""
     p = get_profile(profile)
+    text = _mask_thinking(text)
     calls: list[ZoomCall] = []
     if p.forms & {CallForm.HERMES, CallForm.ZOOM_IN_FUNCTION, CallForm.BARE_BBOX}:
         calls += _parse_hermes(text, p)

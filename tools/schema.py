@@ -23,37 +23,16 @@ OpenAI strict mode
 ------------------
 ``ZoomArgs.model_json_schema()`` is already strict-valid: every object has ``additionalProperties: false``, every
 property is listed in ``required`` and optional ones are nullable (``anyOf [..., null]``), there are no ``default``
-keys, no ``$ref`` with siblings and no constraint keywords. Validation stays lenient: an omitted nullable field means
-null, so non-strict clients (MCP hosts, LangChain) may leave it out.
-
-`strict_json_schema` post-processes any pydantic model (or schema dict) into that subset. The rule set is the
-conservative one of OpenAI's Structured Outputs documentation (Aug 2024); newer models accept a superset, so a schema
-that passes it passes everywhere strict mode exists:
-
-1. the root is ``type: object``, never ``anyOf``;
-2. every object: ``additionalProperties: false`` and ``required`` = all of its properties (free-form dicts, i.e.
-   ``additionalProperties`` true or a schema, cannot be expressed and raise);
-3. allowed keywords only: ``type, properties, required, additionalProperties, items, anyOf, enum, description,
-   title, $ref, $defs, definitions``; ``$ref`` stands alone (a ``$ref`` with siblings is inlined);
-4. rewrites: a one-element ``allOf`` is merged, ``oneOf`` becomes ``anyOf``, ``const`` becomes a one-value
-   ``enum``, a homogeneous tuple (``prefixItems``) becomes ``items``; ``default`` is dropped (all properties are
-   required, so it can never apply);
-5. constraint keywords that strict mode rejected (``minimum``, ``maximum``, ``exclusiveMinimum``,
-   ``exclusiveMaximum``, ``multipleOf``, ``minLength``, ``maxLength``, ``pattern``, ``format``, ``minItems``,
-   ``maxItems``, ``uniqueItems``, ``minProperties``, ``maxProperties``, ...) are removed and restated in words in
-   the ``description``: the model still reads them, and pydantic still enforces them on arrival;
-6. ``not``, ``if/then/else``, ``dependentRequired``, ``dependentSchemas`` and a multi-element ``allOf`` raise;
-7. limits: at most 5 levels of object nesting and 100 properties in all.
-
-`strict_schema_problems` checks rules 1-3 and 7 independently of the rewrite, for tests and for schemas from
-elsewhere.
+keys and no ``$ref`` with siblings. Validation stays lenient: an omitted nullable field means null, so non-strict
+clients (MCP hosts) may leave it out. `strict_parameters` / `openai_tool` take the schema through the `openai`
+package's own strict-schema helper (`openai.pydantic_function_tool`), which leaves it unchanged (tested), so what
+qzoom sends is what the OpenAI client itself would send.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
-import copy
 import math
 import re
 from typing import Annotated, Any, Literal, Self
@@ -73,10 +52,10 @@ __all__ = [
     "ZoomArgs",
     "ZoomBox",
     "ZoomResult",
+    "ZoomSummary",
     "decode_image_data",
     "openai_tool",
-    "strict_json_schema",
-    "strict_schema_problems",
+    "strict_parameters",
 ]
 
 ZOOM_TOOL_NAME = "zoom"
@@ -284,15 +263,20 @@ class HeatmapSummary(BaseModel):
         return self
 
 
-class ZoomResult(BaseModel):
-    """The crop and where it came from."""
+class ZoomSummary(BaseModel):
+    """Where the crop came from: everything of a `ZoomResult` but the PNG (the text block frameworks show)."""
 
     model_config = _STRICT_MODEL
 
-    crop_png_b64: str = Field(description="The crop as a base64-encoded PNG")
     crop_wh: list[_Int] = Field(description="[width, height] of the returned PNG")
     box: list[_Int] = Field(description="[x0, y0, x1, y1] in original-image pixels, x1/y1 exclusive")
     image_wh: list[_Int] = Field(description="[width, height] of the original image")
+    found: bool = Field(
+        description=(
+            "true when the box is a region: the caller's, or where the SD-RPN's map passed its threshold; false when "
+            "the SD-RPN found nothing and the box is the whole image"
+        )
+    )
     box_source: Literal["caller", "sd_rpn"] = Field(description="who chose the box: the caller or the SD-RPN")
     frame: _FrameField | None = Field(default=None, description="frame of the caller's box; null for sd_rpn")
     requested_box: list[_Num] | None = Field(
@@ -305,8 +289,6 @@ class ZoomResult(BaseModel):
 
     @model_validator(mode="after")
     def _check(self) -> Self:
-        if not self.crop_png_b64.startswith(_PNG_B64_PREFIX):
-            raise ValueError("crop_png_b64 must be a base64-encoded PNG")
         for name in ("crop_wh", "image_wh"):
             v = getattr(self, name)
             if len(v) != 2 or min(v) < 1:
@@ -322,6 +304,8 @@ class ZoomResult(BaseModel):
                 raise ValueError("a caller box must report its frame and the 4 numbers requested")
             if self.gate_score is not None or self.heatmap is not None:
                 raise ValueError("gate_score and heatmap belong to SD-RPN boxes only")
+            if not self.found:
+                raise ValueError("a caller's box is always found")
         else:
             if self.frame is not None or self.requested_box is not None:
                 raise ValueError("an SD-RPN box has no caller frame or requested_box")
@@ -329,7 +313,25 @@ class ZoomResult(BaseModel):
                 raise ValueError("an SD-RPN box must carry its heatmap summary")
             if self.gate_score is not None and not (math.isfinite(self.gate_score) and 0 <= self.gate_score <= 1):
                 raise ValueError(f"gate_score must be a probability in [0, 1], got {self.gate_score}")
+            if not self.found and self.box != [0, 0, w, h]:
+                raise ValueError("when the SD-RPN found nothing, the box is the whole image")
         return self
+
+
+class ZoomResult(ZoomSummary):
+    """The crop and where it came from."""
+
+    crop_png_b64: str = Field(description="The crop as a base64-encoded PNG")
+
+    @model_validator(mode="after")
+    def _check_png(self) -> Self:
+        if not self.crop_png_b64.startswith(_PNG_B64_PREFIX):
+            raise ValueError("crop_png_b64 must be a base64-encoded PNG")
+        return self
+
+    def summary(self) -> ZoomSummary:
+        """Everything but the PNG."""
+        return ZoomSummary.model_validate(self.model_dump(exclude={"crop_png_b64"}))
 
     def summary_json(self) -> str:
         """Everything but the PNG, as JSON: the text block that accompanies the image block."""
@@ -337,219 +339,22 @@ class ZoomResult(BaseModel):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Strict-mode schema rewriting and checking (rules in the module docstring).
-
-_ALLOWED_KEYS = frozenset(
-    {
-        "type",
-        "properties",
-        "required",
-        "additionalProperties",
-        "items",
-        "anyOf",
-        "enum",
-        "description",
-        "title",
-        "$ref",
-        "$defs",
-        "definitions",
-    }
-)
-_ALLOWED_TYPES = frozenset({"string", "number", "integer", "boolean", "object", "array", "null"})
-# Constraint keywords strict mode rejected; each is restated in the description ("what" for the message).
-_CONSTRAINTS = {
-    "minimum": ">=",
-    "exclusiveMinimum": ">",
-    "maximum": "<=",
-    "exclusiveMaximum": "<",
-    "multipleOf": "multiple of",
-    "minLength": "min length",
-    "maxLength": "max length",
-    "pattern": "pattern",
-    "format": "format",
-    "minItems": "min items",
-    "maxItems": "max items",
-    "uniqueItems": "unique items",
-    "minProperties": "min properties",
-    "maxProperties": "max properties",
-    "contains": None,
-    "minContains": None,
-    "maxContains": None,
-    "unevaluatedItems": None,
-    "unevaluatedProperties": None,
-    "patternProperties": None,
-    "propertyNames": None,
-    "contentEncoding": None,
-    "contentMediaType": None,
-    "examples": None,
-    "readOnly": None,
-    "writeOnly": None,
-    "deprecated": None,
-    "discriminator": None,
-    "$schema": None,
-    "$id": None,
-    "$comment": None,
-}
-_REJECTED = ("not", "if", "then", "else", "dependentRequired", "dependentSchemas", "dependencies")
-MAX_NESTING = 5
-MAX_PROPERTIES = 100
+# OpenAI strict mode
 
 
-def _resolve(root: dict[str, Any], ref: str) -> dict[str, Any]:
-    if not ref.startswith("#/"):
-        raise ValueError(f"only local $refs are supported, got {ref!r}")
-    node: Any = root
-    for part in ref[2:].split("/"):
-        node = node[part]
-    if not isinstance(node, dict):
-        raise ValueError(f"$ref {ref!r} does not point at a schema")
-    return node
+def strict_parameters(model: type[BaseModel]) -> dict[str, Any]:
+    """The JSON schema of ``model`` as OpenAI strict mode takes it, written by the `openai` package's own helper
+    (`openai.pydantic_function_tool`, which the Chat Completions and Responses clients use themselves)."""
+    import openai  # imported here: agents that never build an OpenAI tool do not pay for the import
 
-
-def _strictify(node: dict[str, Any], root: dict[str, Any], path: str) -> dict[str, Any]:
-    for key in _REJECTED:
-        if key in node:
-            raise ValueError(f"{path}: '{key}' cannot be expressed in OpenAI strict mode")
-    if "$ref" in node and len(node) > 1:
-        # Inline the target under the siblings (siblings win), then strictify the result as a whole.
-        target = copy.deepcopy(_resolve(root, node["$ref"]))
-        merged = {**target, **{k: v for k, v in node.items() if k != "$ref"}}
-        return _strictify(merged, root, path)
-    node = dict(node)
-    if "allOf" in node:
-        parts = node.pop("allOf")
-        if len(parts) != 1:
-            raise ValueError(f"{path}: allOf with {len(parts)} entries cannot be expressed in strict mode")
-        node = {**parts[0], **node}
-        return _strictify(node, root, path)
-    if "oneOf" in node:
-        node["anyOf"] = [*node.get("anyOf", []), *node.pop("oneOf")]
-    if "const" in node:
-        node["enum"] = [node.pop("const")]
-    node.pop("default", None)
-    if "prefixItems" in node:
-        prefix = node.pop("prefixItems")
-        if not prefix or any(p != prefix[0] for p in prefix):
-            raise ValueError(f"{path}: a tuple of mixed item types cannot be expressed in strict mode")
-        node["items"] = prefix[0]
-        node.setdefault("minItems", len(prefix))
-        node.setdefault("maxItems", len(prefix))
-    notes = []
-    for key, what in _CONSTRAINTS.items():
-        if key in node:
-            value = node.pop(key)
-            if what is not None:
-                notes.append(f"{what} {value}")
-    if notes:
-        constraint = "Constraints: " + ", ".join(notes) + "."
-        node["description"] = f"{node['description']} ({constraint})" if node.get("description") else constraint
-    is_object = node.get("type") == "object" or "properties" in node
-    if is_object:
-        extra = node.get("additionalProperties", False)
-        if extra is not False:
-            raise ValueError(f"{path}: objects with free-form keys (additionalProperties) are not strict-valid")
-        props = node.get("properties", {})
-        node["properties"] = {k: _strictify(v, root, f"{path}.{k}") for k, v in props.items()}
-        node["required"] = list(props)
-        node["additionalProperties"] = False
-    if isinstance(node.get("items"), dict):
-        node["items"] = _strictify(node["items"], root, f"{path}[]")
-    if "anyOf" in node:
-        node["anyOf"] = [_strictify(v, root, f"{path}|{i}") for i, v in enumerate(node["anyOf"])]
-    for defs_key in ("$defs", "definitions"):
-        if defs_key in node:
-            node[defs_key] = {k: _strictify(v, root, f"#/{defs_key}/{k}") for k, v in node[defs_key].items()}
-    return node
-
-
-def strict_json_schema(model: type[BaseModel] | dict[str, Any]) -> dict[str, Any]:
-    """The JSON schema of ``model`` rewritten to OpenAI strict mode (module docstring, rules 1-7).
-
-    Raises ValueError for what strict mode cannot express.
-    """
-    schema = model.model_json_schema() if isinstance(model, type) else copy.deepcopy(model)
-    if schema.get("type") != "object" or "anyOf" in schema:
-        raise ValueError("the root of a strict schema must be an object (not anyOf)")
-    out = _strictify(schema, schema, "#")
-    problems = strict_schema_problems(out)
-    if problems:
-        raise ValueError("schema is not strict-valid: " + "; ".join(problems))
-    return out
-
-
-def strict_schema_problems(schema: dict[str, Any]) -> list[str]:
-    """Every violation of rules 1-3 and 7 of the module docstring in ``schema`` (empty list: strict-valid)."""
-    problems: list[str] = []
-    if schema.get("type") != "object" or "anyOf" in schema:
-        problems.append("#: root must be type object, not anyOf")
-    n_props = 0
-
-    def walk(node: Any, path: str) -> None:
-        nonlocal n_props
-        if not isinstance(node, dict):
-            problems.append(f"{path}: schema must be an object, got {type(node).__name__}")
-            return
-        for key in node:
-            if key not in _ALLOWED_KEYS:
-                problems.append(f"{path}: keyword '{key}' is not allowed")
-        if "$ref" in node and len(node) > 1:
-            problems.append(f"{path}: $ref must stand alone, has {sorted(set(node) - {'$ref'})}")
-        types = node.get("type")
-        for t in types if isinstance(types, list) else [types] if types is not None else []:
-            if t not in _ALLOWED_TYPES:
-                problems.append(f"{path}: type {t!r} is not allowed")
-        if types == "object" or "properties" in node:
-            props = node.get("properties")
-            if not isinstance(props, dict):
-                problems.append(f"{path}: object without properties")
-                props = {}
-            if node.get("additionalProperties") is not False:
-                problems.append(f"{path}: additionalProperties must be false")
-            if set(node.get("required", [])) != set(props) or len(node.get("required", [])) != len(props):
-                problems.append(f"{path}: required must list every property exactly once")
-            n_props += len(props)
-            for k, v in props.items():
-                walk(v, f"{path}.{k}")
-        if types == "array" and "items" not in node:
-            problems.append(f"{path}: array without items")
-        if "items" in node:
-            walk(node["items"], f"{path}[]")
-        for i, v in enumerate(node.get("anyOf", [])):
-            walk(v, f"{path}|{i}")
-        for defs_key in ("$defs", "definitions"):
-            for k, v in node.get(defs_key, {}).items():
-                walk(v, f"#/{defs_key}/{k}")
-        if "enum" in node and (not isinstance(node["enum"], list) or not node["enum"]):
-            problems.append(f"{path}: enum must be a non-empty list")
-
-    walk(schema, "#")
-    if n_props > MAX_PROPERTIES:
-        problems.append(f"#: {n_props} properties in all, more than {MAX_PROPERTIES}")
-    depth = _object_depth(schema, schema, 0)
-    if depth > MAX_NESTING:
-        problems.append(f"#: {depth} levels of object nesting, more than {MAX_NESTING}")
-    return problems
-
-
-def _object_depth(node: Any, root: dict[str, Any], seen: int) -> int:
-    """Levels of nested objects below (and including) ``node``, following $refs; stops past the limit."""
-    if not isinstance(node, dict) or seen > MAX_NESTING:
-        return seen
-    if "$ref" in node:
-        try:
-            return _object_depth(_resolve(root, node["$ref"]), root, seen)
-        except (KeyError, ValueError):
-            return seen
-    level = seen + 1 if node.get("type") == "object" or "properties" in node else seen
-    children = [*node.get("properties", {}).values(), *node.get("anyOf", [])]
-    if isinstance(node.get("items"), dict):
-        children.append(node["items"])
-    return max([level, *(_object_depth(c, root, level) for c in children)])
+    tool = openai.pydantic_function_tool(model, name=ZOOM_TOOL_NAME, description=ZOOM_TOOL_DESCRIPTION)
+    parameters: dict[str, Any] = dict(tool["function"].get("parameters", {}))
+    return parameters
 
 
 def openai_tool(api: Literal["chat", "responses"] = "chat") -> dict[str, Any]:
     """The `zoom` tool for OpenAI function calling in strict mode (Chat Completions nests it; Responses is flat)."""
-    parameters = strict_json_schema(ZoomArgs)
+    parameters = strict_parameters(ZoomArgs)
     if api == "responses":
         return {
             "type": "function",
