@@ -443,8 +443,19 @@ def serve(
     redis_url: Annotated[str | None, typer.Option(help="L2 feature cache [env QZOOM_REDIS_URL]")] = None,
     device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1, ... [env QZOOM_DEVICE]")] = None,
     log_level: Annotated[str, typer.Option(help="uvicorn log level")] = "info",
+    backend: Annotated[
+        Literal["local", "ray"], typer.Option(help="local: one process, one model; ray: Ray Serve worker replicas")
+    ] = "local",
+    workers: Annotated[
+        str, typer.Option(help="ray: worker replicas, a number or 'auto' (autoscaling between 1 and --max-workers)")
+    ] = "2",
+    max_workers: Annotated[int, typer.Option(min=1, help="ray: autoscaling upper bound")] = 4,
+    gpus_per_worker: Annotated[float, typer.Option(min=0, help="ray: GPUs per worker replica (0: CPU)")] = 0.0,
+    ray_address: Annotated[
+        str | None, typer.Option(help="ray: cluster to join (else RAY_ADDRESS); default: a new local one")
+    ] = None,
 ) -> None:
-    """Serve POST /ask, the zoom tool, /healthz and /readyz over HTTP (one process, one model)."""
+    """Serve POST /ask, the zoom tool, /healthz and /readyz over HTTP (one process, one model; or on Ray Serve)."""
     import uvicorn
 
     from qzoom.service.app import create_app
@@ -452,10 +463,45 @@ def serve(
     _quiet_transformers()
     base = _settings()
     overrides = {k: v for k, v in {"redis_url": redis_url, "device": device}.items() if v}
+    if backend == "ray":
+        _serve_on_ray(overrides, model, host, port, workers, max_workers, gpus_per_worker, ray_address)
+        return
     settings = base.model_copy(update={**overrides, "model": _model_dir(model, base)})
     _device(settings)
     # workers=1 always: every uvicorn worker would load its own copy of the model onto the same device.
     uvicorn.run(create_app(settings=settings), host=host, port=port, workers=1, log_level=log_level)
+
+
+def _serve_on_ray(
+    overrides: dict[str, str],
+    model: str | None,
+    host: str,
+    port: int,
+    workers: str,
+    max_workers: int,
+    gpus: float,
+    address: str | None,
+) -> None:
+    try:
+        from qzoom.service.ray_serve import RayAppArgs, serve_on_ray
+    except ImportError as err:
+        _fail(f"the ray backend needs Ray Serve: pip install 'qzoom[ray]' ({err})")
+    if workers != "auto" and not (workers.isdigit() and int(workers) >= 1):
+        _fail(f"--workers takes a positive number or 'auto'; got {workers!r}")
+    import os
+
+    from qzoom.settings import get_settings
+
+    settings: dict[str, str] = dict(overrides)
+    if address is None and not os.environ.get("RAY_ADDRESS"):
+        settings["model"] = _model_dir(model, get_settings())  # a local cluster: the path must exist here
+    elif model is not None:
+        settings["model"] = model  # a path on every node of the cluster; the replicas check it where they load it
+    args = RayAppArgs(
+        workers="auto" if workers == "auto" else int(workers), max_workers=max(max_workers, 1),
+        num_gpus=gpus, settings=settings,
+    )  # fmt: skip
+    serve_on_ray(args, host=host, port=port, address=address)
 
 
 @bench_app.command("engine")
@@ -574,6 +620,22 @@ def bench_abuse(
 
     _quiet_transformers()
     run_abuse_benchmark(bombs=bombs, repeats=repeats, echo=typer.echo)
+
+
+@bench_app.command("ray")
+def bench_ray(
+    clients: Annotated[int, typer.Option(min=1, help="concurrent HTTP clients")] = 8,
+    requests: Annotated[int, typer.Option(min=1, help="requests per replica count")] = 32,
+    sequential: Annotated[int, typer.Option(min=1, help="one-client requests per side for the p50 overhead")] = 12,
+) -> None:
+    """Ray Serve on a local cluster: throughput with 1 vs 2 CPU worker replicas, and the Ray path's p50 overhead vs
+    the single-process service on the same requests (demo model)."""
+    try:
+        from qzoom.evals.bench_ray import run_ray_benchmark
+    except ImportError as err:
+        _fail(f"the ray benchmark needs Ray Serve: pip install 'qzoom[ray]' ({err})")
+    _quiet_transformers()
+    run_ray_benchmark(clients=clients, requests=requests, sequential=sequential, echo=typer.echo)
 
 
 # -- qzoom train stage1|stage2|stage3 (qzoom.train.*): shared options, then one command per stage ---------------------

@@ -293,3 +293,13 @@ def build_app(args: dict[str, Any] | RayAppArgs | None = None) -> Application:
         graceful_shutdown_timeout_s=60.0,
     )(serve.ingress(asgi_app)())
     return ingress.bind(worker.bind(overrides))
+
+
+def serve_on_ray(args: RayAppArgs, *, host: str, port: int, address: str | None = None) -> None:
+    """`qzoom serve --backend ray`: join the cluster at `address` (or RAY_ADDRESS), else start a local one; run the
+    application on http://host:port until interrupted."""
+    import ray
+
+    ray.init(address=address, include_dashboard=False)
+    serve.start(http_options={"host": host, "port": port})
+    serve.run(build_app(args), name="qzoom", route_prefix="/", blocking=True)

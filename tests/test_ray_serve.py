@@ -16,10 +16,13 @@ import json
 import os
 import socket
 import time
+from importlib import import_module
+from pathlib import Path
 
 import httpx
 import pytest
 import ray
+import yaml
 from fastapi.testclient import TestClient
 from PIL import Image
 from ray import serve
@@ -28,10 +31,8 @@ from conftest import scene
 from qzoom.agent.zoom import ask_one
 from qzoom.schemas import AskOptions
 from qzoom.service.app import create_app
-from qzoom.service.ray_serve import WORKER_DEPLOYMENT, EngineView, RemoteWorker, build_app
+from qzoom.service.ray_serve import WORKER_DEPLOYMENT, EngineView, RayAppArgs, RemoteWorker, build_app
 from qzoom.settings import Settings
-
-pytestmark = pytest.mark.slow
 
 APP = "qzoom"
 QUERY = "What is written in the box?"
@@ -47,6 +48,36 @@ def _png(image: Image.Image) -> str:
     buf = io.BytesIO()
     image.save(buf, "PNG")
     return base64.b64encode(buf.getvalue()).decode()
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _apps(path: Path) -> list[dict]:
+    docs = list(yaml.safe_load_all(path.read_text()))
+    if path.name == "rayservice.yaml":
+        return yaml.safe_load(docs[0]["spec"]["serveConfigV2"])["applications"]
+    return docs[0]["applications"]
+
+
+@pytest.mark.parametrize("name", ["serve-config.yaml", "rayservice.yaml"])
+def test_the_deploy_configs_build_the_application(name):
+    (app,) = _apps(ROOT / name)
+    module, attr = app["import_path"].split(":")
+    assert getattr(import_module(module), attr) is build_app
+    args = RayAppArgs.model_validate(app["args"])
+    assert args.workers == "auto" and args.num_gpus == 1  # a GPU cluster: one model per GPU, autoscaled
+    assert set(app["runtime_env"]["env_vars"]) >= {"QZOOM_MODEL", "QZOOM_REDIS_URL"}
+    assert build_app(args) is not None
+
+
+@pytest.mark.parametrize(
+    ("args", "named"),
+    [({"workers": 0}, "workers"), ({"min_workers": 3, "max_workers": 2}, "min_workers"), ({"replicas": 2}, "replicas")],
+)
+def test_bad_app_args_are_refused_naming_the_field(args, named):
+    with pytest.raises(ValueError, match=named):
+        build_app(args)
 
 
 @pytest.fixture(scope="module")
@@ -116,6 +147,7 @@ def _sse(text: str) -> list[tuple[str, dict]]:
     return events
 
 
+@pytest.mark.slow
 def test_routes_answer_as_the_single_process_service(http, local):
     image = _png(scene(640, 480, seed=3))
     for body in (
@@ -150,6 +182,7 @@ def _vision(cache: dict) -> dict:
     return cache["kinds"].get("vision", {})
 
 
+@pytest.mark.slow
 def test_follow_up_goes_to_the_replica_holding_the_features_and_another_reads_redis(remote):
     handle, view = remote
     worker = _worker(remote)
@@ -184,6 +217,7 @@ def test_follow_up_goes_to_the_replica_holding_the_features_and_another_reads_re
     assert vision.get("misses", 0) == before.get("misses", 0)  # and this replica's vision tower did not run
 
 
+@pytest.mark.slow
 def test_killing_a_replica_under_load_loses_no_request(remote, local):
     worker = _worker(remote)
     images = [scene(448, 448, seed=100 + i) for i in range(8)]
