@@ -75,7 +75,7 @@ def run_ray_benchmark(*, clients: int, requests: int, sequential: int, echo: Cal
     import ray
     from ray import serve
 
-    from qzoom.service.ray_serve import build_app
+    from qzoom.service.ray_serve import build_app, init_ray
 
     seeds = list(range(2 * requests + sequential + 8))
     pngs = {s: _png(bench_image_seeded(10_000 + s)) for s in seeds}
@@ -84,7 +84,7 @@ def run_ray_benchmark(*, clients: int, requests: int, sequential: int, echo: Cal
     warm = seeds[2 * requests + sequential :]
 
     echo(f"machine: {os.cpu_count()} cores; demo model; {clients} clients, {requests} requests per replica count")
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    init_ray(num_cpus=4)
     local: _Server | None = None
     try:
         port = _free_port()

@@ -295,11 +295,27 @@ def build_app(args: dict[str, Any] | RayAppArgs | None = None) -> Application:
     return ingress.bind(worker.bind(overrides))
 
 
+def init_ray(address: str | None = None, *, num_cpus: int | None = None, tries: int = 3) -> None:
+    """`ray.init`: join the cluster at `address` (or RAY_ADDRESS), else start a local one with `num_cpus` logical CPUs.
+
+    A local start is tried up to `tries` times: Ray gives a new node's raylet a fixed 30 s to register, which a
+    machine busy with other work can miss (seen on our shared 2-core machines); a second start then succeeds."""
+    import ray
+
+    for attempt in range(1, tries + 1):
+        try:
+            ray.init(address=address, num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
+            return
+        except Exception as err:  # ray raises a bare Exception for the startup timeout
+            if attempt == tries or address is not None or "timed out during startup" not in str(err):
+                raise
+            log.warning("the local Ray node did not start in time (%s); starting it again", err)
+            ray.shutdown()
+
+
 def serve_on_ray(args: RayAppArgs, *, host: str, port: int, address: str | None = None) -> None:
     """`qzoom serve --backend ray`: join the cluster at `address` (or RAY_ADDRESS), else start a local one; run the
     application on http://host:port until interrupted."""
-    import ray
-
-    ray.init(address=address, include_dashboard=False)
+    init_ray(address)
     serve.start(http_options={"host": host, "port": port})
     serve.run(build_app(args), name="qzoom", route_prefix="/", blocking=True)

@@ -31,7 +31,7 @@ from conftest import scene
 from qzoom.agent.zoom import ask_one
 from qzoom.schemas import AskOptions
 from qzoom.service.app import create_app
-from qzoom.service.ray_serve import WORKER_DEPLOYMENT, EngineView, RayAppArgs, RemoteWorker, build_app
+from qzoom.service.ray_serve import WORKER_DEPLOYMENT, EngineView, RayAppArgs, RemoteWorker, build_app, init_ray
 from qzoom.settings import Settings
 
 APP = "qzoom"
@@ -85,7 +85,7 @@ def cluster(redis_server):
     """A local Ray cluster with the qzoom application (2 CPU worker replicas, Redis as L2); yields the HTTP base URL."""
     try:
         # Logical CPUs: the replicas ask for fractions and mostly wait; the box's real cores are shared by all.
-        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False)
+        init_ray(num_cpus=4)
         port = _free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         # Replicas share Redis values only when they share the HMAC secret of the cache (QZOOM_CACHE_SECRET).
@@ -239,3 +239,14 @@ def test_killing_a_replica_under_load_loses_no_request(remote, local):
         want = local.post("/ask", json={"image": _png(image), "query": QUERY, **opts.model_dump(exclude_none=True)})
         assert result.answer == want.json()["answer"]
         assert [s.box for s in result.steps] == [s["box"] for s in want.json()["steps"]]
+
+
+@pytest.mark.parametrize("workers", ["x", "0", "-1"])
+def test_serve_backend_ray_refuses_a_bad_worker_count_in_one_line(workers):
+    from typer.testing import CliRunner
+
+    from qzoom.cli import app
+
+    result = CliRunner().invoke(app, ["serve", "--backend", "ray", "--workers", workers])
+    assert result.exit_code == 2
+    assert "--workers takes a positive number or 'auto'" in result.output
