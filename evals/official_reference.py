@@ -6,6 +6,7 @@ environment with the transformers version the official Qwen2.5-VL fork was writt
     python3 -m venv /tmp/refvenv
     /tmp/refvenv/bin/pip install torch==2.13.0 transformers==4.51.3 pillow numpy safetensors \
         matplotlib scipy scikit-image        # the last three: imported at module level by qwen_src/ana_utils.py
+    /tmp/refvenv/bin/pip install --no-deps torchvision==0.29.1   # the fast processor; see "Environment" below
     git --git-dir=<Q-Zoom git dir> --work-tree=/tmp/qzref checkout HEAD -- .     # or any checkout
     /tmp/refvenv/bin/python evals/official_reference.py --official-repo /tmp/qzref \
         --official-git-dir <Q-Zoom git dir> --out tests/fixtures/official_qzoom_tiny
@@ -40,11 +41,14 @@ Cases: `a` (gate fires, one RoI), `b` (gate closed: the official output is the s
 `b_fallback` (same input as `b`, gate forced open with tau_gate = 0 but tau_roi = 1.0 so no RoI cell survives: the
 RoI map of a portrait image, and the documented fallback to the direct answer).
 
-Environment patches (recorded in reference.json): torchvision is not installable next to torch 2.13 on CPU, and
-`qwen_src/mm_utils.py` imports it only for `torchvision.transforms.functional.gaussian_blur`; a stub module with an
-equivalent tensor Gaussian blur (torchvision's kernel: linspace(-(k-1)/2, (k-1)/2, k), exp(-x^2 / 2 sigma^2),
-normalised, outer product, reflect padding, depthwise conv2d) is installed in `sys.modules` when torchvision is
-missing. Nothing in the official files is edited.
+Environment (recorded in reference.json): the official path needs torchvision, for lmms-eval's
+`AutoProcessor(..., use_fast=True)` (`Qwen2VLImageProcessorFast`: uint8 resize with torch's antialiased bicubic, fused
+rescale + normalise) and for `torchvision.transforms.functional.gaussian_blur` in `qwen_src/mm_utils.py`. The PyPI
+wheel torchvision==0.29.1 is installed beside torch 2.13.0 without its dependencies
+(`pip install --no-deps torchvision==0.29.1` in the second environment) and imported through
+`evals/torchvision_shim.py` (loaded by file path), which defines the two operator schemas its import registers fake
+kernels for; its compiled extension does not load, and nothing on this path needs it. The script refuses to run when
+the processor it gets is not `Qwen2VLImageProcessorFast`. Nothing in the official files is edited.
 """
 
 from __future__ import annotations
@@ -52,7 +56,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import importlib
-import importlib.machinery
 import importlib.util
 import json
 import math
@@ -62,7 +65,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import types
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -70,7 +72,6 @@ from typing import Any
 import numpy as np
 import PIL
 import torch
-import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -181,55 +182,29 @@ PATCHES: list[str] = []  # every environment patch applied, for reference.json
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def _gaussian_blur(img: torch.Tensor, kernel_size: int | list[int], sigma: float | list[float]) -> torch.Tensor:
-    """Tensor Gaussian blur with torchvision's semantics ([..., H, W], reflect padding, depthwise conv)."""
-    ks = [kernel_size, kernel_size] if isinstance(kernel_size, int) else list(kernel_size)
-    sg = [float(sigma), float(sigma)] if isinstance(sigma, int | float) else [float(s) for s in sigma]
-    dtype = img.dtype if torch.is_floating_point(img) else torch.float32
+def _gaussian_blur(img: torch.Tensor, kernel_size: int, sigma: float) -> torch.Tensor:
+    """torchvision's tensor Gaussian blur (informational numbers of reference.json)."""
+    from torchvision.transforms.functional import gaussian_blur
 
-    def kernel1d(k: int, s: float) -> torch.Tensor:
-        half = (k - 1) * 0.5
-        x = torch.linspace(-half, half, steps=k, dtype=dtype, device=img.device)
-        pdf = torch.exp(-0.5 * (x / s).pow(2))
-        return pdf / pdf.sum()
-
-    kernel = torch.mm(kernel1d(ks[1], sg[1])[:, None], kernel1d(ks[0], sg[0])[None, :])
-    squeeze = img.ndim < 4
-    x = img.unsqueeze(0) if squeeze else img
-    out_dtype = x.dtype
-    x = x.to(dtype)
-    channels = x.shape[-3]
-    kernel = kernel.expand(channels, 1, kernel.shape[0], kernel.shape[1])
-    x = F.pad(x, [ks[0] // 2, ks[0] // 2, ks[1] // 2, ks[1] // 2], mode="reflect")
-    x = F.conv2d(x, kernel, groups=channels)
-    if squeeze:
-        x = x.squeeze(0)
-    return x.to(out_dtype)
+    return gaussian_blur(img, [kernel_size, kernel_size], [sigma, sigma])
 
 
-def install_torchvision_stub() -> None:
-    """Provide `torchvision.transforms.functional.gaussian_blur` when torchvision is not installed."""
-    if importlib.util.find_spec("torchvision") is not None:
-        return
-    root = types.ModuleType("torchvision")
-    root.__spec__ = importlib.machinery.ModuleSpec("torchvision", None)
-    root.__path__ = []
-    transforms = types.ModuleType("torchvision.transforms")
-    transforms.__spec__ = importlib.machinery.ModuleSpec("torchvision.transforms", None)
-    transforms.__path__ = []
-    functional = types.ModuleType("torchvision.transforms.functional")
-    functional.__spec__ = importlib.machinery.ModuleSpec("torchvision.transforms.functional", None)
-    functional.gaussian_blur = _gaussian_blur  # type: ignore[attr-defined]
-    transforms.functional = functional  # type: ignore[attr-defined]
-    root.transforms = transforms  # type: ignore[attr-defined]
-    sys.modules.update(
-        {"torchvision": root, "torchvision.transforms": transforms, "torchvision.transforms.functional": functional}
-    )
+def import_torchvision() -> None:
+    """Import the real torchvision through the shim beside this script (before transformers looks for it)."""
+    path = Path(__file__).resolve().parent / "torchvision_shim.py"
+    spec = importlib.util.spec_from_file_location("torchvision_shim", path)
+    if spec is None or spec.loader is None:
+        raise SystemExit(f"cannot load {path}")
+    shim = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(shim)
+    try:
+        torchvision = shim.import_torchvision()
+    except ImportError as err:
+        raise SystemExit(f"{err}: run `pip install --no-deps torchvision==0.29.1` in this environment") from err
     PATCHES.append(
-        "sys.modules stub for torchvision (not installed): only torchvision.transforms.functional.gaussian_blur, "
-        "re-implemented with torchvision's tensor semantics (kernel linspace(-(k-1)/2,(k-1)/2,k), "
-        "exp(-0.5 (x/sigma)^2) normalised, outer product, reflect pad, depthwise conv2d); used by "
-        "qwen_src/mm_utils.py get_batched_sub_images_v2 (kernel 3, sigma 1.0)"
+        f"torchvision {torchvision.__version__} (PyPI wheel, installed with --no-deps beside torch "
+        f"{torch.__version__}) imported through evals/torchvision_shim.py: the schemas of torchvision::nms and "
+        "torchvision::qnms defined before its import; its compiled extension did not load and is not used"
     )
 
 
@@ -238,9 +213,7 @@ def import_official(repo: Path) -> dict[str, Any]:
     if not (repo / "qwen_src" / "qwen2_5_vl" / "modeling_qwen2_5_vl.py").is_file():
         raise SystemExit(f"{repo} is not a Q-Zoom checkout (qwen_src/qwen2_5_vl/modeling_qwen2_5_vl.py missing)")
     sys.path.insert(0, str(repo))
-    import transformers  # noqa: F401  (import first: its availability checks must not see the stub)
-
-    install_torchvision_stub()
+    import_torchvision()
     modeling = importlib.import_module("qwen_src.qwen2_5_vl.modeling_qwen2_5_vl")
     configuration = importlib.import_module("qwen_src.qwen2_5_vl.configuration_qwen2_5_vl")
     mm_utils = importlib.import_module("qwen_src.mm_utils")
@@ -611,6 +584,10 @@ def run_case(
     model = load_official_model(official, ckpt)  # fresh model per case: the official forward is stateful
     # lmms-eval simple/qwen2_5_vl.py __init__ (two_stage_roi=True) and chat/qwen2_5_vl.py generate_until:
     processor = AutoProcessor.from_pretrained(str(ckpt), max_pixels=MAX_PIXELS, min_pixels=MIN_PIXELS, use_fast=True)
+    if type(processor.image_processor).__name__ != "Qwen2VLImageProcessorFast":
+        raise SystemExit(
+            f"got {type(processor.image_processor).__name__}, not Qwen2VLImageProcessorFast: no torchvision?"
+        )
     tokenizer = AutoTokenizer.from_pretrained(str(ckpt))
     model.model.enable_twig = True
     model.model.roi_enable2stage = True
@@ -887,8 +864,8 @@ def main(argv: list[str] | None = None) -> int:
             "decoding": "greedy (do_sample=False, num_beams=1)",
             "max_new_tokens": MAX_NEW_TOKENS,
             "driver": "lmms-eval chat Qwen2_5_VL.generate_until with two_stage_roi=True, re-enacted in this script",
-            "image_processor": "transformers Qwen2VLImageProcessor (slow, PIL bicubic): AutoProcessor use_fast=True "
-            "falls back to it without torchvision; lmms-eval on GPU gets Qwen2VLImageProcessorFast",
+            "image_processor": "transformers Qwen2VLImageProcessorFast (AutoProcessor use_fast=True, as lmms-eval): "
+            "uint8 resize with torch's antialiased bicubic, fused rescale + normalise in float32",
         },
         "min_pixels": MIN_PIXELS,
         "max_pixels": MAX_PIXELS,

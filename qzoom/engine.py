@@ -429,8 +429,8 @@ class QZoomEngine:
     def _preprocess(self, image: Image.Image, min_pixels: int, max_pixels: int) -> tuple[Tensor, Tensor]:
         """Pixel values (patches, dim) and patch grid (3,) of one view, at the given pixel budget.
 
-        `patchify` equals the processor's own call on the view, without its per-call overhead (this runs for every
-        request and every training item).
+        `patchify` equals, bit for bit, the fast (torchvision-backend) processor the official code runs on the view,
+        without torchvision and without its per-call overhead (this runs for every request and every training item).
         """
         return patchify(padded_to_aspect(image), self.processor.image_processor, min_pixels, max_pixels)
 
