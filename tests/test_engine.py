@@ -33,8 +33,15 @@ def run_states(engine: QZoomEngine, images, queries, options) -> list[SequenceSt
 
 
 def stock_inputs(engine: QZoomEngine, image: Image.Image, query: str) -> dict:
+    """The stock processor's inputs, with the pixel values of the official fast processor (qzoom's preprocessing):
+    the processor here is the PIL backend, whose Pillow resize the official code does not use."""
     text = engine.prompt_text(query)
-    return engine.processor(text=[text], images=[padded_to_aspect(image)], return_tensors="pt")
+    inputs = engine.processor(text=[text], images=[padded_to_aspect(image)], return_tensors="pt")
+    size = engine.processor.image_processor.size
+    pixels, grid = engine._preprocess(image, size["shortest_edge"], size["longest_edge"])
+    assert torch.equal(grid, inputs["image_grid_thw"][0])
+    inputs["pixel_values"] = pixels
+    return inputs
 
 
 def full_recompute_logits(model, st: SequenceState) -> torch.Tensor:
