@@ -186,7 +186,8 @@ def _gaussian_blur(img: torch.Tensor, kernel_size: int, sigma: float) -> torch.T
     """torchvision's tensor Gaussian blur (informational numbers of reference.json)."""
     from torchvision.transforms.functional import gaussian_blur
 
-    return gaussian_blur(img, [kernel_size, kernel_size], [sigma, sigma])
+    blurred: torch.Tensor = gaussian_blur(img, [kernel_size, kernel_size], [sigma, sigma])
+    return blurred
 
 
 def import_torchvision() -> None:

@@ -383,8 +383,10 @@ def patchify_prefit(
     with factor patch x merge (Pillow bicubic; 32 px for Qwen3-VL's patch 16, merge 2), then the processor with
     `do_resize=False` (`patchify(..., do_resize=False)`: rescale, normalise, patch order).
 
-    Returns (pixel_values, grid_thw) as `patchify`. The crop of a zoom step is NOT pre-fitted in the official code:
-    it goes through `patchify` (the processor's torch resize) at the same budget.
+    Returns (pixel_values, grid_thw) as `patchify`; the grid is `qwen_vl_utils_size(h, w, factor, min_pixels,
+    max_pixels)` divided by the patch size, which a caller can compute from the image size alone. The crop of a zoom
+    step is NOT pre-fitted in the official code: it goes through `patchify` (the processor's torch resize) at the
+    same budget. Raises ValueError where qwen-vl-utils does (aspect ratio over 200, a side floored to 0).
     """
     factor = image_processor.patch_size * image_processor.merge_size
     fitted = qwen_vl_utils_resize(image, factor, min_pixels, max_pixels)
