@@ -405,8 +405,8 @@ def write_model_card(
         "",
         "## How it was made",
         "",
-        "From scratch, on CPU, with one command: `qzoom train demo OUT` (`qzoom.train.demo`). The base model is "
-        "trained on the benchmark's train split with a curriculum (`qzoom.train.base`): the vision tower alone "
+        "From scratch, on CPU, with one command: `qzoom train demo OUT` (`qzoom.demo.pipeline`). The base model is "
+        "trained on the benchmark's train split with a curriculum (`qzoom.demo.base`): the vision tower alone "
         "first, on a dense per-token reading loss (which glyph, shape or pattern each token shows on reading drills, "
         "and the colour and kind of object under each token of whole coarse views; a linear head that is dropped "
         "afterwards); then, with the tower frozen, a referent phase (the input of layer K taught to name the colour "

@@ -762,7 +762,7 @@ def render_detail(
     """A plate's detail alone, drawn exactly as on a ``colour`` plate (ink on its card's fill, at font or tile
     ``size``; the untinted paper without a colour), in a tight image; with where each thing it shows is centred: one
     ``(x, y, name)`` per glyph of a code, else one for the letter, shape or pattern. For teaching a vision tower to
-    read before it answers (``qzoom.train.base``)."""
+    read before it answers (``qzoom.demo.base``)."""
     w, h = _content_size(kind, size)
     fill = plate_fill(colour) if colour is not None else _PLATE_FILL
     image = Image.new("RGB", (w, h), fill)
@@ -828,7 +828,7 @@ def render_plate(
 ) -> Image.Image:
     """One plate alone, drawn exactly as in a scene at native scale (border, tinted card at least ``card`` px a side,
     detail at ``size``), in an image of its outer size. For short training sequences about one or two plates
-    (``qzoom.train.base``)."""
+    (``qzoom.demo.base``)."""
     content_w, content_h = _content_size(kind, size)
     w, h = max(card, content_w + 2 * (pad + border)), max(card, content_h + 2 * (pad + border))
     image = Image.new("RGB", (w, h))

@@ -2,7 +2,7 @@
 
 Contract of :func:`probe_tower` (``qzoom eval tower-probe``): on detail items of the synthetic benchmark, the merged
 token at the centre of each glyph, shape or pattern (found from the crop's own ink by
-:func:`qzoom.train.base.reading_targets`) is labelled with what it shows, its feature is taken from the checkpoint's
+:func:`qzoom.demo.examples.reading_targets`) is labelled with what it shows, its feature is taken from the checkpoint's
 vision tower, and a linear classifier (:func:`fit_linear_probe`) is fitted on the tokens of ``train_items`` items of the
 *train* split and scored on those of ``val_items`` items of the *val* split. Two kinds of crop per item:
 
@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from qzoom.demo.examples import READ_GROUPS, ExampleBuilder, pool_item
 from qzoom.engine import QZoomEngine
 from qzoom.evals.synthetic import (
     COARSE_TOKENS,
@@ -36,7 +37,6 @@ from qzoom.evals.synthetic import (
     SyntheticItem,
     iterate,
 )
-from qzoom.train.base import READ_GROUPS, ExampleBuilder, pool_item
 
 CROPS = ("native", "true box")
 NATIVE_SIDES = (168, 224, 280)

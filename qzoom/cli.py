@@ -961,9 +961,9 @@ def train_boxes_cmd(
     from pydantic import ValidationError
 
     from qzoom.checkpoint import CheckpointError
+    from qzoom.demo.boxes import BoxConfig, calibrate_boxes, write_box_settings
     from qzoom.evals.synthetic import DETAIL_FAMILIES
     from qzoom.images import ImageError
-    from qzoom.train.boxes import BoxConfig, calibrate_boxes, write_box_settings
     from qzoom.train.common import SyntheticItems, TrainingError, data_source
 
     _check_judge(judge, judge_model)
@@ -1065,8 +1065,8 @@ def train_demo_cmd(
     threads: Annotated[int, typer.Option(min=1, help="torch CPU threads")] = 2,
 ) -> None:
     """Train the demo model qzoom-tiny from scratch: base model on the synthetic benchmark, then Stages 1-3."""
+    from qzoom.demo.pipeline import DemoRecipe, train_demo
     from qzoom.train.common import TrainingError
-    from qzoom.train.demo import DemoRecipe, train_demo
 
     _quiet_transformers()
     try:

@@ -39,7 +39,7 @@ def test_chat_template_matches_qwen():
 
 def test_demo_model_template_drops_only_the_default_system_prompt(tmp_path):
     from qzoom.checkpoint import save_checkpoint
-    from qzoom.train.base import BaseRecipe, build_demo_model
+    from qzoom.demo.model import BaseRecipe, build_demo_model
 
     model, proc = build_demo_model(BaseRecipe(hidden_size=32, vision_hidden_size=32, num_heads=2, num_kv_heads=1))
     user = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Hi?"}]}]

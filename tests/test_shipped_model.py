@@ -14,10 +14,10 @@ from dataclasses import asdict
 
 import pytest
 
+from qzoom.demo.model import BaseRecipe
+from qzoom.demo.pipeline import DemoRecipe
 from qzoom.evals.demo import DemoReport, evaluate_demo, uncached_engine
 from qzoom.models import DEMO_MODEL, default_model_dir
-from qzoom.train.base import BaseRecipe
-from qzoom.train.demo import DemoRecipe
 
 ITEMS = 70  # 50 detail questions, 20 coarse ones (the seven families round-robin)
 # Bounds below the card's numbers (300 items) by more than the sampling noise of ITEMS; measured here: see each test.

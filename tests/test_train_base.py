@@ -14,6 +14,45 @@ from typer.testing import CliRunner
 
 from qzoom import roi
 from qzoom.cli import app
+from qzoom.demo.base import (
+    FrozenTowerFeatures,
+    GroundingProbe,
+    ProbedHead,
+    _attention_share_loss,
+    _code_phase_batch,
+    _draw_batch,
+    _ground_phase_batch,
+    _grounding_loss,
+    _pointer_loss,
+    _reading_loss,
+    _referent_loss,
+    answer_loss_and_hits,
+    train_base,
+)
+from qzoom.demo.examples import (
+    COARSE_READ_GROUPS,
+    READ_CLASSES,
+    READ_GROUPS,
+    READ_LOGITS,
+    REFERENTS,
+    ExampleBuilder,
+    ItemPool,
+    _grid_box_around,
+    answer_drill,
+    answer_pointers,
+    coarse_reading_targets,
+    collate,
+    image_keys,
+    model_inputs,
+    pool_item,
+    reading_drill,
+    referent_drill,
+    referent_of,
+)
+from qzoom.demo.model import (
+    BaseRecipe,
+    build_demo_model,
+)
 from qzoom.engine import QZoomEngine
 from qzoom.evals.demo import (
     TARGETS,
@@ -40,41 +79,6 @@ from qzoom.evals.synthetic import (
     with_answer,
 )
 from qzoom.schemas import AskOptions
-from qzoom.train.base import (
-    COARSE_READ_GROUPS,
-    READ_CLASSES,
-    READ_GROUPS,
-    READ_LOGITS,
-    REFERENTS,
-    BaseRecipe,
-    ExampleBuilder,
-    FrozenTowerFeatures,
-    GroundingProbe,
-    ItemPool,
-    ProbedHead,
-    _attention_share_loss,
-    _code_phase_batch,
-    _draw_batch,
-    _grid_box_around,
-    _ground_phase_batch,
-    _grounding_loss,
-    _pointer_loss,
-    _reading_loss,
-    _referent_loss,
-    answer_drill,
-    answer_loss_and_hits,
-    answer_pointers,
-    build_demo_model,
-    coarse_reading_targets,
-    collate,
-    image_keys,
-    model_inputs,
-    pool_item,
-    reading_drill,
-    referent_drill,
-    referent_of,
-    train_base,
-)
 
 MICRO = BaseRecipe(
     hidden_size=32,
@@ -889,7 +893,7 @@ def test_examples_mark_the_target_plate_for_grounding():
 
 def test_the_vision_tower_stays_as_phase_0_left_it(tmp_path, monkeypatch):
     # Phase 0 replaced by a no-op: the saved tower is then exactly the seeded initial one, while the decoder moved.
-    import qzoom.train.base as base_module
+    import qzoom.demo.base as base_module
 
     monkeypatch.setattr(base_module, "pretrain_reading", lambda *args, **kwargs: None)
     initial, _ = build_demo_model(MICRO)

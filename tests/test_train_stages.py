@@ -18,13 +18,13 @@ from typer.testing import CliRunner
 from conftest import MAX_PIXELS, MIN_PIXELS, make_tiny_model
 from qzoom.checkpoint import save_checkpoint
 from qzoom.cli import app
+from qzoom.demo.boxes import BoxConfig, calibrate_boxes, write_box_settings
 from qzoom.engine import QZoomEngine
 from qzoom.images import padded_to_aspect
 from qzoom.modeling import QZoomQwen2_5_VLForConditionalGeneration, enable_qzoom
 from qzoom.offline import build_processor, build_tokenizer, tiny_qwen25vl_config
 from qzoom.schemas import AskOptions
 from qzoom.train import stage1 as stage1_module
-from qzoom.train.boxes import BoxConfig, calibrate_boxes, write_box_settings
 from qzoom.train.common import RunDir, SyntheticItems, TrainConfig, TrainingError, fit, update_config
 from qzoom.train.labels import (
     answer_right,

@@ -3,7 +3,7 @@
 Contract of :func:`train_demo`: from nothing but this package (no hub, no files), in order, each step writing an HF
 checkpoint directory under ``work_dir``:
 
-1. ``base``: :func:`qzoom.train.base.train_base`, the Qwen2.5-VL backbone from scratch on the synthetic benchmark's
+1. ``base``: :func:`qzoom.demo.base.train_base`, the Qwen2.5-VL backbone from scratch on the synthetic benchmark's
    train split with the crop-first curriculum.
 2. ``stage1``: :func:`qzoom.train.stage1.train_stage1`, the SD-RPN distilled from the base model's own
    answer->image attention on the coarse view (heads picked on calibration items with boxes).
@@ -33,9 +33,10 @@ from typing import Any
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
+from qzoom.demo.base import train_base
+from qzoom.demo.model import BaseRecipe
 from qzoom.roi import BoxMode
 from qzoom.schemas import MultiBox
-from qzoom.train.base import BaseRecipe, train_base
 from qzoom.train.common import SyntheticItems, update_config
 from qzoom.train.stage1 import Stage1Config, train_stage1
 from qzoom.train.stage2 import Stage2Config, synthetic_judge, train_stage2
@@ -58,7 +59,8 @@ class DemoRecipe(BaseModel):
     threads: int = Field(2, ge=1, description="torch CPU threads")
     stage1_items: int = Field(320, ge=2)
     calibration_items: int = Field(40, ge=2)
-    # A tiny model's attention is flatter than a 7B's: a lower peak still marks the target (spec §2.2 defaults 5e-3).
+    # A tiny model's attention is flatter than a 7B's: a lower peak still marks the target (the paper's Stage-1
+    # default is 5e-3).
     stage1: Stage1Config = Field(
         default_factory=lambda: Stage1Config(lr=1e-3, batch_size=8, epochs=2.0, min_peak=1e-3, max_box_frac=0.6)
     )
