@@ -431,7 +431,9 @@ def mcp(
     _quiet_transformers()
     # Checked here, before the protocol starts: a failure inside the server's lifespan reaches the host as a
     # dropped connection, not as a message.
-    model_dir = _model_dir(model, _settings())
+    settings = _settings()
+    _device(settings)
+    model_dir = _model_dir(model, settings)
     run_stdio(model_dir)
 
 

@@ -158,7 +158,7 @@ def pictures(tmp_path_factory):
     huge.write_bytes(bomb_png(30000, 30000))
     over = d / "over.png"
     over.write_bytes(bomb_png(12000, 10000))  # 120 Mpx: over the service's default cap of 40 Mpx
-    return {"small": small, "huge": huge, "over": over}
+    return {"small": small, "huge": huge, "over": over, "missing": d / "missing.png"}
 
 
 CLI_CASES = [
@@ -171,6 +171,7 @@ CLI_CASES = [
     (["small", "q", "--box-mode", "nope"], "--box-mode"),
     (["small", "q", "--device", "cuda"], "device 'cuda' is not available"),
     (["small", "q", "--device", "tpu:7"], "device 'tpu:7'"),
+    (["missing", "q"], "image file not found"),
 ]
 
 
@@ -227,3 +228,17 @@ def test_python_api_load_image_applies_the_setting(monkeypatch):
         assert load_image(buf.getvalue()).size == (20, 20)
     finally:
         get_settings.cache_clear()
+
+
+@pytest.mark.parametrize("command", [["serve", "--device", "cuda:7", "--port", "1"], ["mcp"]])
+def test_serve_and_mcp_refuse_a_missing_device_before_starting(command, monkeypatch):
+    from qzoom.settings import get_settings
+
+    monkeypatch.setenv("QZOOM_DEVICE", "cuda:7")
+    get_settings.cache_clear()
+    try:
+        result = CliRunner().invoke(cli_app, command)
+    finally:
+        get_settings.cache_clear()
+    assert result.exit_code == 2 and result.stderr.startswith("error: device 'cuda:7'"), result.output
+    assert len(result.stderr.splitlines()) == 1
