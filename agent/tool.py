@@ -43,7 +43,9 @@ class UnknownImage(KeyError):
 
 class ImageStore:
     """Images by content id (blake2b of the decoded pixels), LRU-bounded by count and by decoded bytes (RGB, 3 per
-    pixel): upload once, zoom many times."""
+    pixel): upload once, zoom many times.
+
+    Hand-written rather than a cachetools cache: it has two bounds (count and bytes), a cachetools cache one."""
 
     def __init__(self, max_images: int = 256, max_bytes: int = 1 << 30) -> None:
         self.max_images = max_images

@@ -41,7 +41,7 @@ import os
 import re
 import threading
 import time
-from collections import OrderedDict, defaultdict
+from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from typing import Any
 from urllib.parse import quote
@@ -49,6 +49,7 @@ from urllib.parse import quote
 import redis
 import safetensors.torch
 import torch
+from cachetools import LRUCache
 from PIL import Image
 from redis.backoff import NoBackoff
 from redis.retry import Retry
@@ -278,30 +279,43 @@ def _compact(t: Tensor) -> Tensor:
     return t
 
 
+class _LRU(LRUCache[str, tuple[dict[str, Tensor], int]]):
+    """cachetools' LRU sized by each entry's byte count, counting what it evicts."""
+
+    evictions = 0
+
+    def popitem(self) -> tuple[str, tuple[dict[str, Tensor], int]]:
+        item = super().popitem()
+        self.evictions += 1
+        return item
+
+
 class L1Cache:
     """Thread-safe in-process LRU of tensor dicts with a budget in bytes (sum of the tensors' nbytes).
 
     Tensors are kept as they are (on their device), so a hit costs nothing. An entry larger than the whole budget
-    is not stored; a budget of 0 disables the level.
+    is not stored; a budget of 0 disables the level. The LRU is cachetools' (`LRUCache` with a size function),
+    behind a lock: cachetools caches are not thread-safe, and the worker thread and the event loop both use this.
     """
 
     def __init__(self, max_bytes: int) -> None:
         self.max_bytes = max_bytes
-        self._entries: OrderedDict[str, tuple[dict[str, Tensor], int]] = OrderedDict()
-        self._bytes = 0
+        self._entries = _LRU(maxsize=max(max_bytes, 1), getsizeof=lambda entry: entry[1])
         self._lock = threading.Lock()
         self.hits = 0
         self.misses = 0
-        self.evictions = 0
         self.skipped_too_large = 0
+
+    @property
+    def evictions(self) -> int:
+        return self._entries.evictions
 
     def get(self, key: str) -> dict[str, Tensor] | None:
         with self._lock:
-            entry = self._entries.get(key)
+            entry = self._entries.get(key)  # a hit counts as a use (LRU order)
             if entry is None:
                 self.misses += 1
                 return None
-            self._entries.move_to_end(key)
             self.hits += 1
             return dict(entry[0])  # a new dict, so a caller adding names cannot change the entry
 
@@ -311,39 +325,31 @@ class L1Cache:
         stored = {name: _compact(t.detach() if t.requires_grad else t) for name, t in tensors.items()}
         size = sum(t.nbytes for t in stored.values())
         with self._lock:
-            old = self._entries.pop(key, None)
-            if old is not None:
-                self._bytes -= old[1]
+            self._entries.pop(key, None)
             if size > self.max_bytes or self.max_bytes <= 0:
                 self.skipped_too_large += 1
                 return False
-            while self._entries and self._bytes + size > self.max_bytes:
-                _, (_, freed) = self._entries.popitem(last=False)
-                self._bytes -= freed
-                self.evictions += 1
             self._entries[key] = (stored, size)
-            self._bytes += size
             return True
 
     def __contains__(self, key: str) -> bool:
         with self._lock:
             return key in self._entries
 
-    def keys(self) -> list[str]:
-        """Keys from least to most recently used."""
+    def keys(self) -> set[str]:
+        """The cached keys."""
         with self._lock:
-            return list(self._entries)
+            return set(self._entries)
 
     def clear(self) -> None:
         with self._lock:
             self._entries.clear()
-            self._bytes = 0
 
     def stats(self) -> dict[str, int]:
         with self._lock:
             return {
                 "entries": len(self._entries),
-                "bytes": self._bytes,
+                "bytes": int(self._entries.currsize),
                 "max_bytes": self.max_bytes,
                 "hits": self.hits,
                 "misses": self.misses,
