@@ -21,6 +21,7 @@ from typer.testing import CliRunner
 from conftest import scene
 from qzoom.agent.tool import ZoomToolRunner, png_b64
 from qzoom.cli import app
+from qzoom.guards import ACCEPTED, too_large
 from qzoom.tools.mcp_server import build_mcp_server
 from qzoom.tools.schema import ZoomArgs
 from qzoom.worker import Worker
@@ -156,22 +157,53 @@ def test_qzoom_mcp_over_stdio(tmp_path):
     assert init.exit_code == 0, init.output
     path = tmp_path / "pic.png"
     IMAGE.save(path)
-    params = StdioServerParameters(command=sys.executable, args=["-m", "qzoom.cli", "mcp", "--model", str(model)])
+    params = StdioServerParameters(
+        command=sys.executable,
+        args=["-m", "qzoom.cli", "mcp", "--model", str(model)],
+        env={"QZOOM_MAX_PIXELS_IN": "500000"},  # the service's pixel cap applies over stdio too
+    )
+    box = {"coords": [100, 200, 300, 400], "frame": "permille"}
 
     async def go():
         async with stdio_client(params) as (read, write), ClientSession(read, write) as client:
             await client.initialize()
             names = sorted(t.name for t in (await client.list_tools()).tools)
-            res = await client.call_tool(
-                "zoom", {"image_path": str(path), "box": {"coords": [100, 200, 300, 400], "frame": "permille"}}
-            )
-            return names, res
+            res = await client.call_tool("zoom", {"image_path": str(path), "box": box})
+            big = await client.call_tool("zoom", {"image_data": png_b64(scene(1000, 600, 3)), "box": box})
+            tga = await client.call_tool("zoom", {"image_data": encoded(IMAGE, "TGA"), "box": box})
+            return names, res, big, tga
 
-    names, res = asyncio.run(go())
+    names, res, big, tga = asyncio.run(go())
     assert names == ["gate", "propose", "zoom"]
     assert not res.isError
     crop, summary = blocks(res)
     assert summary["box"] == [64, 96, 192, 192] and crop.size == (128, 96)
+    assert big.isError and big.content[0].text == too_large(600000, 500000, (1000, 600)).args[0]
+    assert tga.isError and tga.content[0].text == f"the image is not a readable image; accepted formats: {ACCEPTED}"
+
+
+def encoded(image: Image.Image, fmt: str) -> str:
+    buf = io.BytesIO()
+    image.save(buf, format=fmt)
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def test_the_input_guards_answer_over_mcp_as_over_rest(engine):
+    """The same refusals, word for word, as the REST error model: an unaccepted format, an image over the cap."""
+
+    async def go(client, runner):
+        runner.max_pixels = 200_000
+        box = {"coords": [0, 0, 1, 1], "frame": "unit"}
+        return (
+            await client.call_tool("zoom", {"image_data": encoded(IMAGE, "TGA"), "box": box}),
+            await client.call_tool("propose", {"image_data": encoded(IMAGE, "PCX"), "query": "q"}),
+            await client.call_tool("zoom", {"image_data": encoded(IMAGE, "PNG"), "box": box}),
+        )
+
+    tga, pcx, big = with_client(engine, go)
+    for res in (tga, pcx):
+        assert res.isError and res.content[0].text == f"the image is not a readable image; accepted formats: {ACCEPTED}"
+    assert big.isError and big.content[0].text == too_large(640 * 480, 200_000, (640, 480)).args[0]
 
 
 def test_qzoom_mcp_with_a_missing_model_fails_before_the_protocol_starts():
