@@ -10,8 +10,9 @@ Two ratios, each measured side by side in one process (runs alternate, medians r
    cold asks on unseen images. Target: at least 2x faster.
 
 For a question the gate answers directly, for one that zooms on the whole image (the follow-up's crop is the same,
-a cache hit) and for one that zooms on a small box near the RPN map's peak, which moves with the question (the
-follow-up encodes a new crop; the output counts how often the boxes differed). The model is random, shaped like
+a cache hit) and for a follow-up that zooms on another region than the first question (the cells near the RPN map's
+peak first, a wider region around it then: the follow-up encodes a new crop; the output counts how often the boxes
+differed). The model is random, shaped like
 Qwen2.5-VL-7B (`bench_engine.build_engine`); images are 1024x768 at a 576-token budget. Redis: `--redis-url`, else
 `QZOOM_REDIS_URL`, else a private `redis-server` started for the run (skipped with a note when there is none).
 """
@@ -44,17 +45,21 @@ FIRST = "What is written in the blue box?"
 SECOND = "What colour is the box in the top left corner?"
 
 
-def scenarios(tokens: int, new_tokens: int) -> dict[str, AskOptions]:
+def scenarios(tokens: int, new_tokens: int) -> dict[str, tuple[AskOptions, AskOptions]]:
+    """Per case, the options of the first question and of the follow-up."""
     budget = tokens * 28 * 28
     common = {"max_new_tokens": new_tokens, "min_pixels": budget, "max_pixels": budget}
     return {
-        "gate closed": AskOptions(gate_thresh=1.0, **common),
+        "gate closed": (AskOptions(gate_thresh=1.0, **common),) * 2,
         # τ_roi = 0 always yields a box (the random SD-RPN is not trained): every request really zooms, on the whole
         # image, so the follow-up's crop is the first question's and its features are a cache hit.
-        "zoomed": AskOptions(gate_thresh=0.0, roi_thresh=0.0, **common),
-        # Only the cells near the map's peak: a small box that moves with the question, so the follow-up zooms on
-        # another region and must encode a new crop (the output says whether the boxes differed).
-        "new region": AskOptions(gate_thresh=0.0, roi_thresh=0.0, roi_peak_frac=0.9, **common),
+        "zoomed": (AskOptions(gate_thresh=0.0, roi_thresh=0.0, **common),) * 2,
+        # The first question zooms on the cells near the map's peak only, the follow-up on a wider region around it:
+        # another box, so its crop must be encoded anew (the output says in how many runs the boxes differed).
+        "new region": (
+            AskOptions(gate_thresh=0.0, roi_thresh=0.0, roi_peak_frac=0.9, **common),
+            AskOptions(gate_thresh=0.0, roi_thresh=0.0, roi_peak_frac=0.3, **common),
+        ),
     }
 
 
@@ -81,18 +86,18 @@ from qzoom.cache import FeatureCache
 from qzoom.engine import QZoomEngine
 from qzoom.evals.bench_followup import bench_image_seeded, FIRST, SECOND
 from qzoom.schemas import AskOptions
-model_dir, url, repeats, opts_json, seen0, unseen0 = sys.argv[1:7]
+model_dir, url, repeats, opts_json, seen0, unseen0 = sys.argv[1:7]  # opts_json: [first, follow-up]
 engine = QZoomEngine.from_pretrained(model_dir, cache=FeatureCache.from_url(url, secret=bytes.fromhex(sys.argv[7])))
-opts = AskOptions.model_validate_json(opts_json)
-def ask(seed, query):
+first, second = [AskOptions.model_validate(o) for o in json.loads(opts_json)]
+def ask(seed, query, opts):
     st = engine.new_state(bench_image_seeded(seed), query, opts)
     t = time.perf_counter(); run(engine, [st])
     return time.perf_counter() - t, [*st.cache_hits, f"{st.zoom_steps} zoom steps"]
-ask(999_999, FIRST)  # warm-up on an unrelated image: first-call costs out of the way
+ask(999_999, FIRST, first)  # warm-up on an unrelated image: first-call costs out of the way
 cold, warm, hits = [], [], []
 for r in range(int(repeats)):
-    cold.append(ask(int(unseen0) + r, FIRST)[0])
-    t, h = ask(int(seen0) + r, SECOND)
+    cold.append(ask(int(unseen0) + r, FIRST, first)[0])
+    t, h = ask(int(seen0) + r, SECOND, second)
     warm.append(t); hits.append(h)
 print(json.dumps({"cold": statistics.median(cold), "warm": statistics.median(warm), "hits": hits[-1]}))
 """
@@ -120,7 +125,7 @@ def run_followup_benchmark(
 
     # 1. L1, same process.
     echo("\n1. follow-up vs cold, same process (L1)")
-    for name, opts in scenarios(tokens, new_tokens).items():
+    for name, (opts, follow) in scenarios(tokens, new_tokens).items():
         engine.cache = FeatureCache.from_url(None)
         _ask(engine, 10_000, FIRST, opts)  # warm-up
         cold: list[float] = []
@@ -128,7 +133,7 @@ def run_followup_benchmark(
         moved = 0
         for r in range(repeats):
             t_cold, first = _ask(engine, 20_000 + r, FIRST, opts)
-            t_warm, hits = _ask(engine, 20_000 + r, SECOND, opts)
+            t_warm, hits = _ask(engine, 20_000 + r, SECOND, follow)
             cold.append(t_cold)
             warm.append(t_warm)
             moved += first[-1] != hits[-1]
@@ -157,11 +162,12 @@ def run_followup_benchmark(
             # Replicas share Redis values only when they share the HMAC secret (QZOOM_CACHE_SECRET).
             secret = os.urandom(16)
             parent = QZoomEngine.from_pretrained(model_dir, cache=FeatureCache.from_url(redis_url, secret=secret))
-            for s, (name, opts) in enumerate(scenarios(tokens, new_tokens).items()):
+            for s, (name, (opts, follow)) in enumerate(scenarios(tokens, new_tokens).items()):
                 seen0, unseen0 = 30_000 + 100 * s, 40_000 + 100 * s
                 for r in range(repeats):
                     _ask(parent, seen0 + r, FIRST, opts)  # fills Redis for the images the child follows up on
-                args = [model_dir, redis_url, repeats, opts.model_dump_json(), seen0, unseen0, secret.hex()]
+                both = json.dumps([opts.model_dump(), follow.model_dump()])
+                args = [model_dir, redis_url, repeats, both, seen0, unseen0, secret.hex()]
                 out = subprocess.run(
                     [sys.executable, "-c", textwrap.dedent(_CHILD), *map(str, args)],
                     capture_output=True,

@@ -7,7 +7,7 @@ chunk (each chunk through every configuration in turn, so that load on the machi
 per configuration the benchmark's own metric, samples/s (samples / the summed wall time of their batches, the device
 synchronised around each batch), visual tokens after RoI insertion (mean), p50/p95 latency (a request's latency is
 its batch's wall time), the gate's firing rate, with the hardware, torch threads, machine load and commit of the run
-(``OUT/run.json``).
+that started the folder (``OUT/run.json``; use a fresh folder per machine or commit).
 
 Configurations (``method@budget``, budgets in merged visual tokens; the paper's lists scaled by ``scale``):
 
@@ -309,8 +309,9 @@ def sweep(
     directory.mkdir(parents=True, exist_ok=True)
     results = directory / "results.jsonl"
     done = _done(results)
-    info = run_info(engine)
-    (directory / "run.json").write_text(json.dumps({**info, "benchmark": bench.name}, indent=1))
+    info_file = directory / "run.json"
+    if not info_file.exists():  # the run that measured the first results; a resumed run adds to its numbers
+        info_file.write_text(json.dumps({**run_info(engine), "benchmark": bench.name}, indent=1))
     kept: list[Sample] = []
     with results.open("a") as sink:
         for chunk in _chunks(samples, batch_size):
