@@ -11,8 +11,8 @@ Two ratios, each measured side by side in one process (runs alternate, medians r
 
 For a question the gate answers directly, for one that zooms on the whole image (the follow-up's crop is the same,
 a cache hit) and for a follow-up that zooms on another region than the first question (the cells near the RPN map's
-peak first, a wider region around it then: the follow-up encodes a new crop; the output counts how often the boxes
-differed). The model is random, shaped like
+peak first, a wider region around it then: the follow-up encodes a new crop where the boxes differ; the output counts
+how often they did, which on a random model with a flat map can be never). The model is random, shaped like
 Qwen2.5-VL-7B (`bench_engine.build_engine`); images are 1024x768 at a 576-token budget. Redis: `--redis-url`, else
 `QZOOM_REDIS_URL`, else a private `redis-server` started for the run (skipped with a note when there is none).
 """
