@@ -294,8 +294,12 @@ async def think_with_images(
     max_turns: int | None = None,
     max_new_tokens: int = 256,
     request_id: str | None = None,
+    on_event: Callable[[dict[str, Any]], None] | None = None,
 ) -> ThinkingResult:
-    """Run one question through the profile's multi-turn zoom loop; see the module docstring."""
+    """Run one question through the profile's multi-turn zoom loop; see the module docstring.
+
+    `on_event` receives each step's event as it happens (`observe`, `gate`, `think`, `act`, `answer`), for streaming.
+    """
     if profile not in LOOP_PROFILES:
         raise ValueError(f"unknown tool-loop profile {profile!r}; expected one of {', '.join(LOOP_PROFILES)}")
     prof = PROFILES[profile]
@@ -305,11 +309,18 @@ async def think_with_images(
         ctx = ThinkingContext(
             worker, seq, prof, question, policy, box_source, max_new_tokens=max_new_tokens, max_turns=turns
         )
-        final = await THINKING_GRAPH.ainvoke(
+        final: dict[str, Any] = {}
+        stream: Any = THINKING_GRAPH.astream(
             {"request_id": request_id or f"t{next(_ids)}"},
             config={"recursion_limit": 2 * turns + 8},
             context=ctx,
+            stream_mode=["custom", "values"],
         )
+        async for mode, chunk in stream:  # (mode, payload) pairs when several modes are streamed
+            if mode == "values":
+                final = chunk
+            elif on_event is not None:
+                on_event(chunk)
     return ThinkingResult(
         answer=final["answer"],
         finished_by=final["finished_by"],

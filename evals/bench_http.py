@@ -101,7 +101,7 @@ async def _burst(call: Callable[[int], Awaitable[Any]], seeds: Sequence[int], co
 class _Server:
     """`qzoom serve` on a loopback port, as a subprocess (what a user runs), stopped on exit."""
 
-    def __init__(self, model_dir: Path, settings: Settings) -> None:
+    def __init__(self, model_dir: Path, settings: Settings, env: dict[str, str] | None = None) -> None:
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         env = {
@@ -110,6 +110,7 @@ class _Server:
             "QZOOM_MAX_BATCH": str(settings.max_batch),
             "QZOOM_BATCH_WINDOW_MS": str(settings.batch_window_ms),
             "QZOOM_DEVICE": "cpu",
+            **(env or {}),
         }
         env.pop("QZOOM_REDIS_URL", None)  # same as the in-process side: an in-process cache only
         argv = [sys.executable, "-m", "qzoom.cli", "serve", "--model", str(model_dir), "--port", str(self.port)]

@@ -9,6 +9,7 @@
     qzoom bench abuse                    the hostile set: 5xx count, peak RSS over baseline, worst cost ratio
     qzoom bench paper-scale [--small]    Qwen2.5-VL-7B-sized random model: Q-Zoom vs 4096-token baseline (GPU)
     qzoom eval bench NAME --data DIR     a public benchmark (or synthetic) through the graph; --sweep: Pareto grid
+    qzoom bench chat                     /v1/chat/completions vs /ask on the same requests, plain and streamed
     qzoom train stage1|stage2|stage3 MODEL OUT (--data FILE.jsonl | --synthetic N)   the Q-Zoom training stages
     qzoom train gate-threshold MODEL (--data FILE.jsonl | --synthetic N)   choose τ_gate on labelled items
 
@@ -638,6 +639,31 @@ def bench_ray(
         _fail(f"the ray benchmark needs Ray Serve: pip install 'qzoom[ray]' ({err})")
     _quiet_transformers()
     run_ray_benchmark(clients=clients, requests=requests, sequential=sequential, echo=typer.echo)
+
+
+@bench_app.command("chat")
+def bench_chat(
+    layers: BenchLayers = 28,
+    split: BenchSplit = 18,
+    hidden: BenchHidden = 256,
+    tokens: BenchTokens = 576,
+    new_tokens: Annotated[int, typer.Option(min=1, help="answer length in tokens")] = 8,
+    requests: Annotated[int, typer.Option(min=1, help="requests per round, each sent to every side")] = 24,
+    rounds: Annotated[int, typer.Option(min=1, help="rounds over the requests")] = 2,
+    model: Annotated[
+        Path | None, typer.Option(help="a checkpoint directory instead of the random benchmark model")
+    ] = None,
+) -> None:
+    """/v1/chat/completions p50 vs /ask p50 on the same requests, interleaved, plain and streamed (target <= 1.05x)."""
+    from qzoom.evals.bench_chat import run_chat_benchmark
+
+    if model is not None and not (model / "config.json").is_file():
+        _fail(f"--model {model}: not a checkpoint directory (no config.json)")
+    _quiet_transformers()
+    run_chat_benchmark(
+        layers=layers, split=split, hidden=hidden, tokens=tokens, new_tokens=new_tokens,
+        requests=requests, rounds=rounds, model_dir=model, echo=typer.echo,
+    )  # fmt: skip
 
 
 # -- qzoom train stage1|stage2|stage3 (qzoom.train.*): shared options, then one command per stage ---------------------

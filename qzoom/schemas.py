@@ -85,6 +85,15 @@ class AskOptions(BaseModel):
     )
     margin: float = Field(0.0, ge=0.0, le=1.0, description="extra border around each box, as a fraction of its side")
     max_new_tokens: int = Field(32, ge=1, le=1024, description="answer length limit in tokens")
+    temperature: float | None = Field(
+        None, ge=0.0, le=2.0, description="sampling temperature; 0 or null: greedy decoding (the paper's)"
+    )
+    top_p: float | None = Field(
+        None, gt=0.0, le=1.0, description="nucleus sampling: draw from the tokens holding this much probability"
+    )
+    seed: int | None = Field(
+        None, ge=0, lt=2**63, description="seed of the request's sampling: the same seed draws the same tokens"
+    )
 
     @model_validator(mode="after")
     def _budget_order(self) -> Self:

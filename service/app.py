@@ -34,8 +34,8 @@ from qzoom.schemas import AskOptions
 from qzoom.settings import Settings, get_settings
 from qzoom.worker import Worker
 
-from . import ask, health, images, metrics, page, think, tools
-from .deps import ServiceState, require_api_key, require_metrics_key
+from . import ask, chat, health, images, metrics, page, think, tools
+from .deps import ServiceState, require_api_key, require_bearer_or_api_key, require_metrics_key
 from .errors import install_error_handlers
 from .mcp import mount_mcp
 from .middleware import BodyLimitMiddleware
@@ -150,5 +150,6 @@ def create_app(
     app.include_router(images.router, dependencies=[Depends(require_api_key)])
     app.include_router(tools.router, dependencies=[Depends(require_api_key)])
     app.include_router(think.router, dependencies=[Depends(require_api_key)])
+    app.include_router(chat.router, dependencies=[Depends(require_bearer_or_api_key)])
     mcp_sessions = mount_mcp(app, settings)
     return app

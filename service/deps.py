@@ -9,6 +9,8 @@
   use it; `/metrics` does when `QZOOM_PROTECT_METRICS` is on (`require_metrics_key`).
 - `tenant_of(request)`: with `QZOOM_TENANT_SCOPE` (and keys), the scope of the request's key (a hash of it, never
   the key itself), which marks its images so that cache entries and image ids stay per key; else None.
+- `require_bearer_or_api_key`: the same keys, also as `Authorization: Bearer <key>` (what OpenAI clients send);
+  for the OpenAI-compatible routes.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Annotated
 
 from fastapi import Depends, Request
-from fastapi.security import APIKeyHeader
+from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 
 from qzoom.admission import Budget, CostModel
 from qzoom.agent.thinking import Policy
@@ -72,6 +74,7 @@ def ready_worker(service: Service) -> Worker:
 ReadyWorker = Annotated[Worker, Depends(ready_worker)]
 
 _api_key_header = APIKeyHeader(name="X-API-Key", auto_error=False)
+_bearer_header = HTTPBearer(auto_error=False)  # declares the Bearer scheme in OpenAPI; the key is read raw
 
 
 def api_key_matches(keys: list[str], given: str | None) -> bool:
@@ -135,3 +138,29 @@ def tenant_of(request: Request) -> str | None:
     """The request's tenant scope (see the module docstring), or None when scoping is off."""
     scope: str | None = getattr(request.state, "tenant", None)
     return scope
+
+
+def require_bearer_or_api_key(
+    request: Request,
+    service: Service,
+    _documented: Annotated[str | None, Depends(_api_key_header)],
+    _bearer: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer_header)],
+) -> None:
+    """`require_api_key`, where the key may also come as `Authorization: Bearer <key>` (OpenAI clients send it so):
+    the same keys, the same duplicate rule, the same tenant scope."""
+    headers: list[tuple[bytes, bytes]] = list(request.scope["headers"])
+    auth = [v for k, v in headers if k.lower() == b"authorization"]
+    if len(auth) > 1:
+        raise ApiError(
+            401, "unauthorized", "send one Authorization header, not several", {"WWW-Authenticate": "Bearer"}
+        )
+    scheme, _, token = auth[0].decode("latin-1").partition(" ") if auth else ("", "", "")
+    if scheme.lower() == "bearer" and not any(k.lower() == b"x-api-key" for k, _ in headers):
+        headers.append((b"x-api-key", token.strip().encode("latin-1")))
+    try:
+        given = check_api_key(service.settings.api_keys, headers)
+    except ApiError as err:
+        message = f"{err.message}; OpenAI clients send the key as Authorization: Bearer <key>"
+        raise ApiError(401, "unauthorized", message, {"WWW-Authenticate": "Bearer"}) from None
+    if given is not None and service.settings.tenant_scope:
+        request.state.tenant = tenant_scope(given)

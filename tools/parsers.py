@@ -49,11 +49,13 @@ __all__ = [
     "PROFILES",
     "CallForm",
     "CropReturn",
+    "FunctionCall",
     "ModelProfile",
     "ZoomCall",
     "ZoomCallError",
     "accepted_forms",
     "get_profile",
+    "parse_function_calls",
     "parse_zoom_calls",
 ]
 
@@ -822,6 +824,40 @@ def parse_zoom_calls(text: str, profile: str | ModelProfile) -> list[ZoomCall]:
             extra.raw,
             p,
         )
+    return calls
+
+
+@dataclass(frozen=True)
+class FunctionCall:
+    """A Hermes call of any function (the client tools of an OpenAI-style request), as the model wrote it."""
+
+    name: str
+    arguments: dict[str, Any]
+    raw: str  # the whole <tool_call>...</tool_call> text
+    span: tuple[int, int]
+
+
+def parse_function_calls(text: str, names: Sequence[str]) -> list[FunctionCall]:
+    """The ``<tool_call>{"name": ..., "arguments": {...}}</tool_call>`` calls in ``text`` of the functions in
+    ``names``, in order (Qwen2.5/Qwen3 chat templates' tool syntax). A block that is not such a call (malformed JSON,
+    no name, an undeclared function, arguments not an object) is not a call: it stays part of the text, as
+    OpenAI-compatible servers leave what they cannot parse in the message content."""
+    calls = []
+    for block in _tagged_blocks(text, "<tool_call>", "</tool_call>"):
+        try:  # the profile only words the error, which is dropped here
+            obj = _load(block.body, block.raw(text), PROFILES["qwen3-vl"])
+        except ZoomCallError:
+            continue
+        if not isinstance(obj, dict) or obj.get("name") not in names:
+            continue
+        args = obj.get("arguments", {})
+        if isinstance(args, str):  # some models write the arguments as a JSON string, as the OpenAI API sends them
+            try:
+                args = json.loads(args)
+            except json.JSONDecodeError:
+                continue
+        if isinstance(args, dict):
+            calls.append(FunctionCall(str(obj["name"]), args, block.raw(text), (block.start, block.end)))
     return calls
 
 
