@@ -2,7 +2,8 @@
 
 1. The compose file's invariants: profiles (a plain `docker compose up` starts the stack the `.env` names), the
    NVIDIA reservation, healthchecks on /readyz and `redis-cli ping`, `depends_on: service_healthy`, a bounded
-   no-persistence Redis, the model volume, `HF_HUB_OFFLINE=1`, and only settings that qzoom actually reads.
+   no-persistence Redis, the model volume, `HF_HUB_OFFLINE=1`, every setting passed through from `.env`
+   (`env_file`), and only settings that qzoom actually reads.
 2. The Dockerfile agrees with the project: it copies every folder the package maps, pins the same torch, serves with
    the same command as compose, and checks health on /readyz.
 3. The Dockerfile's serve command, run as a subprocess outside Docker with the CPU service's environment (Redis
@@ -38,14 +39,31 @@ ROOT = Path(__file__).resolve().parents[1]
 QZOOM_SERVICES = ("qzoom-gpu", "qzoom-cpu")
 
 
-def dotenv() -> dict[str, str]:
+# QZOOM_* names that the compose file itself reads (the host port, Redis' memory bound); qzoom ignores them.
+COMPOSE_ONLY = {"QZOOM_PORT", "QZOOM_REDIS_MAXMEMORY"}
+
+
+def dotenv(commented: bool = False) -> dict[str, str]:
+    """The `.env` file's variables; with ``commented``, also the examples written as `# NAME=value` lines."""
     pairs = {}
     for line in (ROOT / ".env").read_text().splitlines():
         line = line.strip()
+        if commented and re.match(r"#\s*[A-Z][A-Z0-9_]*=", line):
+            line = line.lstrip("#").strip()
         if line and not line.startswith("#"):
             key, _, value = line.partition("=")
             pairs[key.strip()] = value.strip()
     return pairs
+
+
+def container_env(svc: dict[str, Any]) -> dict[str, str]:
+    """What compose gives the container: the `env_file` (.env) first, `environment` over it."""
+    env: dict[str, str] = {}
+    for entry in svc.get("env_file", []):
+        path = entry["path"] if isinstance(entry, dict) else entry
+        assert path == ".env", path
+        env |= dotenv()
+    return env | {k: str(v) for k, v in svc["environment"].items()}
 
 
 def interpolate(value: Any, env: dict[str, str]) -> Any:
@@ -136,7 +154,7 @@ def test_cpu_service_runs_the_demo_model_on_the_cpu(compose):
     svc = compose["services"]["qzoom-cpu"]
     assert "deploy" not in svc
     assert svc["environment"]["QZOOM_DEVICE"] == "cpu" and svc["build"]["args"]["VARIANT"] == "cpu"
-    assert svc["environment"]["QZOOM_MODEL"] == ""  # empty: the demo model shipped in the package
+    assert "QZOOM_MODEL" not in container_env(svc)  # unset: the demo model shipped in the package
 
 
 @pytest.mark.parametrize("name", QZOOM_SERVICES)
@@ -163,6 +181,30 @@ def test_qzoom_services_are_offline_with_a_model_volume_and_known_settings(compo
     # Every QZOOM_* variable is a setting qzoom reads: a typo here would be silently ignored by pydantic-settings.
     known = {f"QZOOM_{field.upper()}" for field in Settings.model_fields}
     assert {k for k in env if k.startswith("QZOOM_")} <= known
+
+
+@pytest.mark.parametrize("name", QZOOM_SERVICES)
+def test_every_setting_in_dotenv_reaches_the_service(compose, name):
+    svc = compose["services"][name]
+    assert svc["env_file"] == [{"path": ".env", "required": False}]  # optional: a clone without .env still starts
+    env = container_env(svc)
+    assert env["COMPOSE_PROFILES"] == dotenv()["COMPOSE_PROFILES"]  # the whole file, not a chosen few
+    # Compose sets only what it owns (its Redis, the profile's device); the rest is the operator's, from .env.
+    assert {k for k in svc["environment"] if k.startswith("QZOOM_")} == {"QZOOM_REDIS_URL", "QZOOM_DEVICE"}
+    # The examples in .env are settings qzoom reads (or names the compose file itself reads), and they parse.
+    examples = {k: v for k, v in dotenv(commented=True).items() if k.startswith("QZOOM_")}
+    known = {f"QZOOM_{field.upper()}" for field in Settings.model_fields}
+    assert set(examples) - COMPOSE_ONLY <= known
+    assert {"QZOOM_MAX_PENDING", "QZOOM_IMAGE_URLS", "QZOOM_MCP_ALLOWED_HOSTS"} <= set(examples)
+    settings = Settings(**{k.removeprefix("QZOOM_").lower(): v for k, v in examples.items() if k not in COMPOSE_ONLY})
+    assert settings.max_pending == int(examples["QZOOM_MAX_PENDING"])
+
+
+def test_deploy_doc_names_every_setting_and_the_gpu_prerequisite():
+    text = (ROOT / "docs" / "deploy.md").read_text()
+    missing = [f"QZOOM_{field.upper()}" for field in Settings.model_fields if f"`QZOOM_{field.upper()}`" not in text]
+    assert not missing, f"docs/deploy.md's settings table lacks {missing}"
+    assert "NVIDIA Container Toolkit" in text and "COMPOSE_PROFILES=cpu" in text
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -206,7 +248,7 @@ def with_port(argv: list[str], port: int) -> list[str]:
 @pytest.mark.slow
 def test_the_images_serve_command_serves_outside_docker(compose, redis_server, tmp_path):
     port = free_port()
-    env = {k: str(v) for k, v in compose["services"]["qzoom-cpu"]["environment"].items()}
+    env = container_env(compose["services"]["qzoom-cpu"])
     env |= {"QZOOM_REDIS_URL": redis_server.url, "HF_HOME": str(tmp_path / "hf")}
     # A tiny random checkpoint keeps this test about the command, not the model (any checkpoint dir serves alike).
     subprocess.run([sys.executable, "-m", "qzoom.cli", "init-tiny", str(tmp_path / "tiny")], check=True)
