@@ -164,6 +164,9 @@ def ask(
     margin: Annotated[float, typer.Option(min=0.0, max=1.0, help="border around each box, fraction of side")] = 0.0,
     max_new_tokens: Annotated[int, typer.Option(min=1, max=1024)] = 32,
     device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1, ... [env QZOOM_DEVICE]")] = None,
+    verbose: Annotated[
+        bool, typer.Option("--verbose", "-v", help="also print each step's time on stderr (ms, model loaded)")
+    ] = False,
 ) -> None:
     """Answer QUERY about IMAGE, zooming where the question needs detail."""
     import warnings
@@ -228,13 +231,19 @@ def ask(
     typer.echo(res.answer)
     if res.gate_score is not None:
         gate = f"{res.gate_score:.3f}"
+    elif zoom is not None:
+        gate = "not consulted (--zoom/--no-zoom)"
+    elif max_steps == 0:
+        gate = "not consulted (--max-steps 0 allows no zoom step)"
     else:
-        gate = "not consulted (--zoom/--no-zoom)" if zoom is not None else "none (this checkpoint has no gate)"
+        gate = "none (this checkpoint has no gate)"
     typer.echo(f"gate score: {gate}; zoomed: {'yes' if res.zoomed else 'no'}; visual tokens: {res.visual_tokens}")
     # One line per region; several boxes of one zoom step share the gate score that opened the step.
     for i, step in enumerate(res.steps, 1):
         typer.echo(f"  region {i}: box {step.box} ({step.visual_tokens} tokens)")
-    typer.echo(f"time: {sum(res.timings_ms.values()):.0f} ms", err=True)
+    if verbose:
+        steps = ", ".join(f"{name} {ms:.0f}" for name, ms in res.timings_ms.items())
+        typer.echo(f"time: {sum(res.timings_ms.values()):.0f} ms ({steps})", err=True)
 
 
 @app.command("init-tiny")

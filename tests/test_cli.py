@@ -67,6 +67,29 @@ def test_ask_readable_output_names_gate_and_boxes(tiny_dir, picture):
     assert "gate score:" in result.stdout and "zoomed: no" in result.stdout
 
 
+def test_ask_max_steps_0_says_so_and_times_only_when_verbose(tiny_dir, picture):
+    args = ["ask", str(picture), "hi", "--model", str(tiny_dir), "--max-steps", "0", "--max-new-tokens", "2"]
+    quiet = runner.invoke(app, args)
+    assert quiet.exit_code == 0, quiet.output
+    assert "gate score: not consulted (--max-steps 0" in quiet.stdout and "zoomed: no" in quiet.stdout
+    assert "time:" not in quiet.output
+    loud = runner.invoke(app, [*args, "--verbose"])
+    (line,) = [x for x in loud.stderr.splitlines() if x.startswith("time:")]
+    assert "prefill" in line  # the split per step, beside the total
+    assert loud.stdout == quiet.stdout
+
+
+def test_a_missing_image_is_reported_before_the_model_loads(tiny_dir, tmp_path, monkeypatch):
+    from qzoom.engine import QZoomEngine
+
+    def load(*args, **kwargs):
+        raise AssertionError("the model was loaded before the image was checked")
+
+    monkeypatch.setattr(QZoomEngine, "from_pretrained", load)
+    result = runner.invoke(app, ["ask", str(tmp_path / "nope.png"), "q", "--model", str(tiny_dir)])
+    assert result.exit_code == 2 and "nope.png" in result.output and len(result.output.strip().splitlines()) == 1
+
+
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
