@@ -540,6 +540,17 @@ def bench_engine(
     )
 
 
+@bench_app.command("coldstart")
+def bench_coldstart(
+    model: Annotated[str | None, typer.Option("--model", "-m", help=MODEL_HELP)] = None,
+    repeats: Annotated[int, typer.Option(min=1, max=20, help="fresh processes of each kind")] = 3,
+) -> None:
+    """A first `qzoom ask` from a cold process beside a bare `import torch`, and its split (imports, load, answer)."""
+    from qzoom.evals.bench_coldstart import run_coldstart_benchmark
+
+    run_coldstart_benchmark(_model_dir(model, _settings()), repeats, typer.echo)
+
+
 @bench_app.command("followup")
 def bench_followup(
     layers: BenchLayers = 28,
