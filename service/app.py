@@ -22,6 +22,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 
 from fastapi import Depends, FastAPI
+from fastapi_offline import FastAPIOffline
 from PIL import Image
 from starlette.concurrency import run_in_threadpool
 
@@ -135,7 +136,8 @@ def create_app(
                     state.cache.close()
                 Image.MAX_IMAGE_PIXELS = old_limit
 
-    app = FastAPI(
+    # /docs (Swagger UI) and /redoc load their scripts from the fastapi-offline package, not a CDN: they work offline.
+    app = FastAPIOffline(
         title="qzoom",
         summary="Query-aware zooming (Q-Zoom) for Qwen2.5-VL: ask questions about high-resolution images.",
         version="0.1.0",

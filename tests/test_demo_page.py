@@ -298,3 +298,36 @@ def test_a_person_asks_and_sees_steps_box_heatmap_and_answer(live, browser, tmp_
     assert js_errors == []
     assert foreign == []
     page.close()
+
+
+def test_api_docs_render_with_the_network_blocked(live, browser):
+    # /docs and /redoc are served from packaged assets: with every request to another origin aborted, Swagger UI
+    # still renders the operations of the live OpenAPI schema.
+    context = browser.new_context()
+    foreign: list[str] = []
+
+    def only_this_origin(route):
+        if route.request.url.startswith(live.url):
+            route.continue_()
+        else:
+            foreign.append(route.request.url)
+            route.abort()
+
+    context.route("**/*", only_this_origin)
+    page = context.new_page()
+    js_errors: list[str] = []
+    page.on("pageerror", lambda err: js_errors.append(str(err)))
+    page.goto(live.url + "/docs")
+    page.wait_for_selector(".swagger-ui .opblock", timeout=30_000)
+    paths = page.eval_on_selector_all(".opblock-summary-path", "els => els.map(e => e.dataset.path)")
+    schema = httpx.get(live.url + "/openapi.json").json()
+    assert "/ask" in paths and set(paths) <= set(schema["paths"])
+    assert schema["info"]["title"] in page.inner_text(".swagger-ui .info .title")
+    assert foreign == []
+    page.goto(live.url + "/redoc")
+    page.wait_for_selector("[role='navigation'], .menu-content", timeout=30_000)
+    assert "/ask" in page.content()
+    # ReDoc's own script is packaged too; only its "powered by" logo image points at its CDN (blocked, not needed).
+    assert all(url.endswith("logo-mini.svg") for url in foreign), foreign
+    assert js_errors == []
+    context.close()
