@@ -494,10 +494,12 @@ def _serve_on_ray(
     gpus: float,
     address: str | None,
 ) -> None:
-    try:
-        from qzoom.service.ray_serve import RayAppArgs, serve_on_ray
-    except ImportError as err:
-        _fail(f"the ray backend needs Ray Serve: pip install 'qzoom[ray]' ({err})")
+    import importlib.util
+
+    if importlib.util.find_spec("ray") is None:  # only Ray's absence is the user's to fix here
+        _fail("the ray backend needs Ray Serve: pip install 'qzoom[ray]'")
+    from qzoom.service.ray_serve import RayAppArgs, serve_on_ray
+
     if workers != "auto" and not (workers.isdigit() and int(workers) >= 1):
         _fail(f"--workers takes a positive number or 'auto'; got {workers!r}")
     import os
@@ -653,10 +655,12 @@ def bench_ray(
 ) -> None:
     """Ray Serve on a local cluster: throughput with 1 vs 2 CPU worker replicas, and the Ray path's p50 overhead vs
     the single-process service on the same requests (demo model)."""
-    try:
-        from qzoom.evals.bench_ray import run_ray_benchmark
-    except ImportError as err:
-        _fail(f"the ray benchmark needs Ray Serve: pip install 'qzoom[ray]' ({err})")
+    import importlib.util
+
+    if importlib.util.find_spec("ray") is None:
+        _fail("the ray benchmark needs Ray Serve: pip install 'qzoom[ray]'")
+    from qzoom.evals.bench_ray import run_ray_benchmark
+
     _quiet_transformers()
     run_ray_benchmark(clients=clients, requests=requests, sequential=sequential, echo=typer.echo)
 
