@@ -33,6 +33,7 @@ _EXPORTS = {
     "ImageError": "qzoom.images",
     "load_image": "qzoom.images",
     "QZoomQwen2_5_VLForConditionalGeneration": "qzoom.modeling",
+    "QZoomQwen3VLForConditionalGeneration": "qzoom.modeling",
     "QZoomSettings": "qzoom.modeling",
     "enable_qzoom": "qzoom.modeling",
     "AskOptions": "qzoom.schemas",
@@ -44,7 +45,12 @@ if TYPE_CHECKING:
     from qzoom.checkpoint import load_model, save_checkpoint
     from qzoom.engine import QZoomEngine, SequenceState
     from qzoom.images import ImageError, load_image
-    from qzoom.modeling import QZoomQwen2_5_VLForConditionalGeneration, QZoomSettings, enable_qzoom
+    from qzoom.modeling import (
+        QZoomQwen2_5_VLForConditionalGeneration,
+        QZoomQwen3VLForConditionalGeneration,
+        QZoomSettings,
+        enable_qzoom,
+    )
     from qzoom.schemas import AskOptions, AskResult, StepResult
 
 
@@ -60,6 +66,7 @@ __all__ = [
     "ImageError",
     "QZoomEngine",
     "QZoomQwen2_5_VLForConditionalGeneration",
+    "QZoomQwen3VLForConditionalGeneration",
     "QZoomSettings",
     "SequenceState",
     "StepResult",

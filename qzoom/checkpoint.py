@@ -1,21 +1,19 @@
 """Saving and loading qzoom checkpoints: ordinary Hugging Face model directories.
 
-A qzoom checkpoint is what `save_pretrained` writes for `QZoomQwen2_5_VLForConditionalGeneration` plus the
-processor files: `config.json` (the stock Qwen2.5-VL config with the Q-Zoom fields), `model.safetensors`,
-`tokenizer.json`, `preprocessor_config.json`, `chat_template.jinja`.
+A qzoom checkpoint is what `save_pretrained` writes for a Q-Zoom model class (`qzoom.modeling`) plus the processor
+files: `config.json` (the stock config with the Q-Zoom fields), `model.safetensors`, `tokenizer.json`,
+`preprocessor_config.json`, `chat_template.jinja`.
 
-`load_model` also reads the released Q-Zoom checkpoints (`YuhengSSS/Q-Zoom-Qwen2.5VL-7B` and siblings), written by
-transformers 4.51 in the pre-4.52 key layout (spec §1.1, §8.1, §9.5):
+`load_model` picks the backbone from config.json's `model_type` (`qzoom.backbones`) and also reads the released
+Q-Zoom checkpoints in their own layouts, through the backbone's key mapping:
 
-    model.layers.*          -> model.language_model.layers.*
-    model.twig_layers.*     -> model.language_model.twig_layers.*
-    model.high_res_layers.* -> model.language_model.high_res_layers.*
-    model.high_res_head.*   -> model.language_model.high_res_head.*
-    model.embed_tokens/norm -> model.language_model.embed_tokens/norm
-    visual.*                -> model.visual.*
+- `YuhengSSS/Q-Zoom-Qwen2.5VL-3B` / `-7B`: written by transformers 4.51 in the pre-4.52 key layout (spec §1.1, §8.1,
+  §9.5: `model.layers.*`, `model.twig_layers.*`, `model.high_res_*`, `model.embed_tokens/norm` ->
+  `model.language_model.*`; `visual.*` -> `model.visual.*`) with a flat config that the stock config class reads.
+- `YuhengSSS/Q-Zoom-Qwen3VL-4B`: already `model.language_model.*` / `model.visual.*`, with the Q-Zoom flags at the top
+  level and copied into `text_config` (which also carries a nested vision config; both are ignored).
 
-and their flat config (text fields at the top level, Q-Zoom flags `twig_K`, `twig_T`, `high_res_K`, ...), which the
-stock config class already understands. A stock Qwen2.5-VL directory loads too; it simply has no gate or SD-RPN.
+A stock directory of either backbone loads too; it simply has no gate or SD-RPN.
 """
 
 from __future__ import annotations
@@ -28,17 +26,15 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
-from qzoom.modeling import QZoomQwen2_5_VLForConditionalGeneration
-from qzoom.offline import OfflineQwen2_5_VLProcessor, save_processor
+from qzoom.backbones import backbone_for
+from qzoom.backbones.qwen2_5_vl import LEGACY_KEY_MAPPING, is_legacy_layout
+from qzoom.offline import save_processor
 
-LEGACY_KEY_MAPPING = {
-    r"^visual\.": "model.visual.",
-    r"^model\.(?!visual\.|language_model\.)": "model.language_model.",
-}
+__all__ = ["LEGACY_KEY_MAPPING", "CheckpointError", "is_legacy_layout", "load_model", "save_checkpoint"]
 
 
 class CheckpointError(ValueError):
-    """The directory is not a loadable Qwen2.5-VL / Q-Zoom checkpoint."""
+    """The directory is not a loadable Qwen-VL / Q-Zoom checkpoint."""
 
 
 def weight_keys(directory: Path) -> list[str]:
@@ -53,32 +49,28 @@ def weight_keys(directory: Path) -> list[str]:
         return list(f.keys())
 
 
-def is_legacy_layout(keys: list[str]) -> bool:
-    """True for the pre-transformers-4.52 layout (`model.layers.*`, `visual.*`) of the released checkpoints."""
-    return any(k.startswith(("visual.", "model.layers.", "model.twig_layers.")) for k in keys)
-
-
 def load_model(
     path: str | Path,
     *,
     device: str | torch.device = "cpu",
     dtype: torch.dtype | None = None,
     attn_implementation: str = "sdpa",
-) -> QZoomQwen2_5_VLForConditionalGeneration:
-    """Load a qzoom, released Q-Zoom or stock Qwen2.5-VL checkpoint directory, in eval mode on `device`."""
+) -> Any:
+    """Load a qzoom, released Q-Zoom or stock Qwen2.5-VL / Qwen3-VL checkpoint directory, in eval mode on `device`."""
     directory = Path(path)
     if not (directory / "config.json").exists():
         raise CheckpointError(f"{directory} is not a model directory (no config.json)")
     config = json.loads((directory / "config.json").read_text())
-    if config.get("model_type") not in ("qwen2_5_vl", None):
-        raise CheckpointError(
-            f"{directory} holds a {config.get('model_type')!r} model; qzoom runs Qwen2.5-VL (model_type 'qwen2_5_vl')"
-        )
-    kwargs: dict[str, Any] = {}
-    if is_legacy_layout(weight_keys(directory)):
-        kwargs["key_mapping"] = LEGACY_KEY_MAPPING
     try:
-        model: QZoomQwen2_5_VLForConditionalGeneration = QZoomQwen2_5_VLForConditionalGeneration.from_pretrained(
+        backbone = backbone_for(config.get("model_type"))
+    except ValueError as err:
+        raise CheckpointError(f"{directory} holds a {config.get('model_type')!r} model: {err}") from err
+    kwargs: dict[str, Any] = {}
+    mapping = backbone.key_mapping(weight_keys(directory))
+    if mapping is not None:
+        kwargs["key_mapping"] = mapping
+    try:
+        model: Any = backbone.model_class.from_pretrained(  # type: ignore[attr-defined]
             str(directory),
             dtype=dtype or torch.float32,
             attn_implementation=attn_implementation,
@@ -86,16 +78,12 @@ def load_model(
         )
     except ValueError as err:  # a Q-Zoom field of config.json that does not fit (QZoomSettings names it)
         raise CheckpointError(f"{directory}: {err}") from err
-    model.to(torch.device(device))  # type: ignore[arg-type]  # transformers types .to() for dtypes only
+    model.to(torch.device(device))
     model.eval()
     return model
 
 
-def save_checkpoint(
-    model: QZoomQwen2_5_VLForConditionalGeneration,
-    processor: OfflineQwen2_5_VLProcessor,
-    path: str | Path,
-) -> Path:
+def save_checkpoint(model: Any, processor: Any, path: str | Path) -> Path:
     """Write model and processor files into `path` (created if needed); returns the directory."""
     directory = Path(path)
     directory.mkdir(parents=True, exist_ok=True)

@@ -29,6 +29,8 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal, NoReturn
 import typer
 from typer.core import TyperGroup
 
+from qzoom.backbones import BACKBONE_NAMES
+
 if TYPE_CHECKING:
     from qzoom.settings import Settings
     from qzoom.train.labels import Judge
@@ -253,26 +255,30 @@ def init_tiny(
     layers: Annotated[int, typer.Option(min=2, help="decoder layers")] = 4,
     hidden: Annotated[int, typer.Option(min=16, help="hidden size (multiple of 4 heads)")] = 64,
     twig_k: Annotated[int, typer.Option("--twig-k", min=1, help="branch point K")] = 2,
+    backbone: Annotated[str, typer.Option(help=f"model family: {' or '.join(BACKBONE_NAMES)}")] = BACKBONE_NAMES[0],
 ) -> None:
     """Write a tiny randomly initialised Q-Zoom checkpoint (answers are noise; the pipeline is real)."""
     import torch
 
+    from qzoom.backbones import backbone_named
     from qzoom.checkpoint import save_checkpoint
-    from qzoom.modeling import QZoomQwen2_5_VLForConditionalGeneration, enable_qzoom
-    from qzoom.offline import build_processor, build_tokenizer, tiny_qwen25vl_config
+    from qzoom.modeling import enable_qzoom
+    from qzoom.offline import build_tokenizer
 
     _quiet_transformers()
+    if backbone not in BACKBONE_NAMES:
+        _fail(f"unknown --backbone {backbone!r}; choose {' or '.join(BACKBONE_NAMES)}")
     if twig_k + 2 > layers:
         _fail(f"--twig-k {twig_k} leaves no room for 2 branch layers in a {layers}-layer model")
+    family = backbone_named(backbone)
     torch.manual_seed(seed)
     tok = build_tokenizer()
-    config = enable_qzoom(
-        tiny_qwen25vl_config(tok, hidden_size=hidden, num_hidden_layers=layers), twig_K=twig_k, twig_T=2
-    )
-    model = QZoomQwen2_5_VLForConditionalGeneration(config)
+    sizes = {"hidden_size": hidden, "num_hidden_layers": layers}
+    config = enable_qzoom(family.tiny_config(tok, **sizes), twig_K=twig_k, twig_T=2)
+    model = family.model_class(config)
     model.init_branches_from_backbone()
-    save_checkpoint(model, build_processor(tok), out)
-    typer.echo(f"wrote a tiny random Q-Zoom checkpoint to {out}")
+    save_checkpoint(model, family.build_processor(tok), out)
+    typer.echo(f"wrote a tiny random {backbone} Q-Zoom checkpoint to {out}")
 
 
 @eval_app.command("export-synthetic")

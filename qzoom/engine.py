@@ -18,6 +18,11 @@ the same answers and boxes as each alone (up to float noise). The official code 
 (spec §9.1); here each sample keeps its own positions, image offsets and cache, and a batch is laid out as a ragged
 block with an explicit attention mask (`_run_layers`).
 
+What differs between backbones (preprocessing, vision tower and DeepStack, RPN projections, sink rule, cell size,
+defaults) comes from `self.backbone` (`qzoom.backbones`); nothing here branches on which backbone it is. DeepStack
+features (Qwen3-VL) are kept per image block and added to its token rows after the early decoder layers wherever
+those layers run over the block (`_run_layers`'s `inject`).
+
 The graph in `qzoom.agent` chains the steps; nothing here decides *whether* to zoom.
 """
 
@@ -28,19 +33,17 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from PIL import Image
 from torch import nn
-from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
 
 from qzoom import roi
+from qzoom.backbones import Backbone, View, VisionOutput, backbone_of
 from qzoom.cache import FeatureCache, feature_key, image_digest, pack_prefix, unpack_prefix
 from qzoom.checkpoint import load_model, model_fingerprint
-from qzoom.images import padded_to_aspect, patchify
-from qzoom.modeling import QZoomQwen2_5_VLForConditionalGeneration, QZoomSettings, gate_probability, roi_logit_map
-from qzoom.offline import OfflineQwen2_5_VLProcessor, load_processor
+from qzoom.modeling import QZoomSettings, gate_probability, rpn_scores
 from qzoom.sampling import Sampler, choose_tokens
 from qzoom.schemas import AskOptions, MultiBox, check_prompt_text
 
@@ -48,11 +51,6 @@ Tensor = torch.Tensor
 KV = tuple[Tensor, Tensor]  # (kv_heads, n, head_dim) each, one layer of one sample
 _EMPTY = torch.empty(0)
 _EMPTY_IDS = torch.empty(0, dtype=torch.long)
-
-# Without a budget in the request or the checkpoint: the paper's Doc/OCR evaluation budget, 256..576 tokens.
-DEFAULT_MIN_PIXELS = 256 * 28 * 28
-DEFAULT_MAX_PIXELS = 576 * 28 * 28
-MIN_BOX_SIDE = 28  # source pixels; one LLM token of Qwen2.5-VL (spec §3 step 4)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -64,12 +62,14 @@ class ImageBlock:
     """One image in the sequence: the global view or a zoomed region."""
 
     start: int  # sequence index of the first image token (its <|vision_start|> is at start - 1)
-    grid_hw: tuple[int, int]  # merged LLM grid (H, W): one token per 28x28 pixels of the resized view
+    grid_hw: tuple[int, int]  # merged LLM grid (H, W): one token per cell (28 or 32 px square) of the resized view
     box: roi.PixelBox  # the region of the ORIGINAL image it shows
     step: int  # 0 for the global view, k for the k-th zoom step
     row_pos: Tensor  # (H,) float32 M-RoPE h coordinate of each token row
     col_pos: Tensor  # (W,) float32 M-RoPE w coordinate of each token column
     before_question: bool = True  # spliced before the question (Q-Zoom); False: appended after it (a tool loop)
+    # Per DeepStack level l, (H*W, d) features added to the block's rows after decoder layer l (Qwen3-VL).
+    deepstack: list[Tensor] = field(default_factory=list)
 
     @property
     def num_tokens(self) -> int:
@@ -123,6 +123,7 @@ class SequenceState:
     pixel_values: Tensor = field(default_factory=lambda: _EMPTY)  # prepare: (patches, C*T*P*P) of the global view
     grid_thw: Tensor = field(default_factory=lambda: _EMPTY_IDS)  # prepare: (3,) patch grid of the global view
     image_features: Tensor = field(default_factory=lambda: _EMPTY)  # encode: (N, d) after the ViT + merger
+    image_deepstack: list[Tensor] = field(default_factory=list)  # encode: per DeepStack level (N, d), if any
     embeds: Tensor = field(default_factory=lambda: _EMPTY)  # prefill/zoom: (n, d) with image features scattered in
     positions: Tensor = field(default_factory=lambda: _EMPTY)  # prefill/zoom: (3, n) float32 M-RoPE (t, h, w)
     blocks: list[ImageBlock] = field(default_factory=list)  # prefill/zoom
@@ -240,8 +241,11 @@ def _attention_mask(key_valid: Tensor, q_len: int, attn_impl: str, dtype: torch.
     return torch.zeros(mask.shape, dtype=dtype, device=device).masked_fill(~mask, torch.finfo(dtype).min)
 
 
+Injection = tuple[int, Tensor, Tensor]  # (j, rows, features): after the j-th layer run, rows += features
+
+
 def _run_layers(
-    layers: Sequence[Any],  # decoder layers (stock Qwen2_5_VLDecoderLayer)
+    layers: Sequence[Any],  # decoder layers (the stock decoder-layer class of the backbone)
     rotary: nn.Module,
     attn_impl: str,
     inputs: Sequence[Tensor],
@@ -250,6 +254,7 @@ def _run_layers(
     keep_cache: bool = False,
     tap: int | None = None,
     tapped: list[Tensor] | None = None,
+    inject: Sequence[Sequence[Injection]] | None = None,
 ) -> tuple[list[Tensor], list[list[KV]]]:
     """Run `layers` over new tokens of several samples at once.
 
@@ -260,6 +265,8 @@ def _run_layers(
 
     Returns the outputs (t_i, d) and, when `keep_cache`, the per-sample per-layer KV over past + new tokens.
     With `tap` = j, the hidden states entering the j-th of `layers` are appended per sample to `tapped`.
+    inject[i]: (j, rows, features) additions to sample i's new-token rows after the j-th of `layers` (DeepStack, as
+    the stock text model adds them: out of place, so autograd sees it).
     """
     batch = len(inputs)
     device, dtype = inputs[0].device, inputs[0].dtype
@@ -302,6 +309,12 @@ def _run_layers(
             past_key_values=store,
             use_cache=True,
         )
+        adds = [(i, rows, feats) for i in range(batch) for jj, rows, feats in (inject[i] if inject else ()) if jj == j]
+        if adds:
+            hidden = hidden.clone()
+            for i, rows, feats in adds:
+                cols = rows.to(device) + (big_t - new_lens[i])
+                hidden[i, cols] = hidden[i, cols] + feats.to(hidden.dtype)
 
     outputs = [hidden[i, big_t - new_lens[i] :] for i in range(batch)]
     kvs: list[list[KV]] = [[] for _ in range(batch)]
@@ -319,9 +332,37 @@ def _run_layers(
     return outputs, kvs
 
 
-def _present(tensor: Tensor | None) -> Tensor:
-    assert tensor is not None
-    return tensor
+_T = TypeVar("_T")
+
+
+def _present(value: _T | None) -> _T:
+    assert value is not None
+    return value
+
+
+def _deepstack_injections(st: SequenceState, start: int, first_layer: int, num_layers: int) -> list[Injection]:
+    """The DeepStack additions of sample `st`'s tokens from `start` on, for `layers[first_layer:][:num_layers]`:
+    every image block's level-l features after decoder layer l, rows counted from `start`."""
+    out: list[Injection] = []
+    for b in st.blocks:
+        lo = max(b.start, start)
+        if lo >= b.end:
+            continue
+        for level, feats in enumerate(b.deepstack):
+            j = level - first_layer
+            if 0 <= j < num_layers:
+                out.append((j, torch.arange(lo - start, b.end - start), feats[lo - b.start :]))
+    return out
+
+
+def _vision_entry(out: VisionOutput, grid: Tensor | None = None) -> dict[str, Tensor]:
+    entry = {"features": out.features, **{f"deepstack.{i}": d for i, d in enumerate(out.deepstack)}}
+    return entry if grid is None else {**entry, "grid_thw": grid}
+
+
+def _vision_from_entry(entry: dict[str, Tensor], dtype: torch.dtype) -> VisionOutput:
+    levels = sum(1 for name in entry if name.startswith("deepstack."))
+    return VisionOutput(entry["features"].to(dtype), [entry[f"deepstack.{i}"].to(dtype) for i in range(levels)])
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -332,25 +373,29 @@ class QZoomEngine:
     """A Q-Zoom model and its processor on one device, with the inference steps as methods.
 
     Build it with `QZoomEngine.from_pretrained(path)` (a qzoom checkpoint, a released Q-Zoom checkpoint or a stock
-    Qwen2.5-VL directory) or from objects you already have. All methods run under `torch.inference_mode()`.
+    Qwen2.5-VL / Qwen3-VL directory) or from objects you already have. All methods run under `torch.inference_mode()`.
     """
 
     def __init__(
         self,
-        model: QZoomQwen2_5_VLForConditionalGeneration,
-        processor: OfflineQwen2_5_VLProcessor,
+        model: Any,
+        processor: Any,
         name: str = "qzoom",
         cache: FeatureCache | None = None,
     ) -> None:
-        self.model = model.eval()
+        self.model: Any = model.eval()
         self.processor = processor
         self.name = name
+        self.backbone: Backbone = backbone_of(model)
         # Coarse features, prefix state and crop features are reused across steps, questions and replicas.
         self.cache = cache if cache is not None else FeatureCache.from_url(None)
         self.revision = model_fingerprint(model)
-        self.settings: QZoomSettings = getattr(model, "qzoom", QZoomSettings.from_config(model.config))
-        lm = model.model.language_model
-        self.lm = lm
+        defaults = self.backbone.defaults
+        self.settings: QZoomSettings = QZoomSettings.from_config(
+            model.config, gate_default=defaults.gate_thresh, roi_default=defaults.roi_thresh
+        )
+        lm = self.model.model.language_model
+        self.lm: Any = lm
         self.layers: list[Any] = list(lm.layers)
         self.split = self.settings.twig_K if self.settings.enable_twig else 0  # K: the KV-reuse split point
         self.twig_layers: list[Any] = list(getattr(lm, "twig_layers", []))
@@ -377,7 +422,7 @@ class QZoomEngine:
         cache: FeatureCache | None = None,
     ) -> QZoomEngine:
         model = load_model(path, device=device, dtype=dtype)
-        return cls(model, load_processor(path), name=Path(path).name, cache=cache)
+        return cls(model, backbone_of(model).load_processor(path), name=Path(path).name, cache=cache)
 
     @property
     def device(self) -> torch.device:
@@ -409,8 +454,9 @@ class QZoomEngine:
             check_prompt_text(system_prompt, "system_prompt")
         opts = options or AskOptions()
         s = self.settings
-        min_px = opts.min_pixels or s.min_pixels or DEFAULT_MIN_PIXELS
-        max_px = opts.max_pixels or s.max_pixels or max(DEFAULT_MAX_PIXELS, min_px)
+        # Without a budget in the request or the checkpoint: the backbone's (the paper's Doc/OCR evaluation budget).
+        min_px = opts.min_pixels or s.min_pixels or self.backbone.min_pixels
+        max_px = opts.max_pixels or s.max_pixels or max(self.backbone.max_pixels, min_px)
         if min_px > max_px:
             raise ValueError(f"min_pixels ({min_px}) must not exceed max_pixels ({max_px})")
         # A request's "union" (the paper's one box) overrides a checkpoint's several boxes per step.
@@ -431,22 +477,16 @@ class QZoomEngine:
             sampler=Sampler(opts.temperature, opts.top_p or 1.0, opts.seed) if opts.temperature else None,
         )
 
-    def _preprocess(self, image: Image.Image, min_pixels: int, max_pixels: int) -> tuple[Tensor, Tensor]:
-        """Pixel values (patches, dim) and patch grid (3,) of one view, at the given pixel budget.
-
-        `patchify` equals, bit for bit, the fast (torchvision-backend) processor the official code runs on the view,
-        without torchvision and without its per-call overhead (this runs for every request and every training item).
-        """
-        return patchify(padded_to_aspect(image), self.processor.image_processor, min_pixels, max_pixels)
+    def _preprocess(
+        self, image: Image.Image, min_pixels: int, max_pixels: int, view: View = "global"
+    ) -> tuple[Tensor, Tensor]:
+        """Pixel values (patches, dim) and patch grid (3,) of one view (a whole image or a crop) at the pixel budget,
+        as the backbone's official evaluation preprocesses it."""
+        return self.backbone.preprocess(image, self.processor.image_processor, min_pixels, max_pixels, view)
 
     def _grid(self, image: Image.Image, min_pixels: int, max_pixels: int) -> Tensor:
         """The patch grid (3,) `_preprocess` would produce, from the image size alone (no resize, no pixels)."""
-        ip = self.processor.image_processor
-        view = padded_to_aspect(image)
-        h, w = smart_resize(
-            view.height, view.width, factor=ip.patch_size * ip.merge_size, min_pixels=min_pixels, max_pixels=max_pixels
-        )
-        return torch.tensor([1, h // ip.patch_size, w // ip.patch_size])
+        return self.backbone.grid(image, self.processor.image_processor, min_pixels, max_pixels)
 
     def prompt_text(self, query: str, system_prompt: str | None = None) -> str:
         messages: list[dict[str, Any]] = [
@@ -474,21 +514,25 @@ class QZoomEngine:
 
     # -- encode -------------------------------------------------------------------------------------------------
 
-    def encode_views(self, pixel_values: Sequence[Tensor], grids: Sequence[Tensor]) -> list[Tensor]:
-        """The vision tower + merger over several views in one call -> per view (N_i, d) LLM-space features."""
+    def encode_views(self, pixel_values: Sequence[Tensor], grids: Sequence[Tensor]) -> list[VisionOutput]:
+        """The vision tower + merger over several views in one call -> per view (N_i, d) LLM-space features (and
+        the DeepStack features of a backbone that has them)."""
         if not pixel_values:
             return []
         with torch.inference_mode():
-            out = self.model.model.get_image_features(
-                torch.cat(list(pixel_values)).to(self.device),
-                torch.stack(list(grids)).to(self.device),
-                return_dict=True,
+            out = self.backbone.encode(
+                self.model, torch.cat(list(pixel_values)).to(self.device), torch.stack(list(grids)).to(self.device)
             )
-        return [f.to(self.dtype) for f in out.pooler_output]
+        return [VisionOutput(o.features.to(self.dtype), [d.to(self.dtype) for d in o.deepstack]) for o in out]
 
     def _key(self, kind: str, st: SequenceState, *, digest: str | None = None, **params: object) -> str:
         """Cache key of `kind` for the request's image (or the image with `digest`) at the request's budget."""
-        budget = {"min_pixels": st.min_pixels, "max_pixels": st.max_pixels, "dtype": str(self.dtype)}
+        budget = {
+            "min_pixels": st.min_pixels,
+            "max_pixels": st.max_pixels,
+            "dtype": str(self.dtype),
+            "backbone": self.backbone.name,
+        }
         return feature_key(kind, self.name, self.revision, {**budget, **params}, digest or st.digest)
 
     def _cache_meta(self) -> dict[str, str]:
@@ -503,7 +547,8 @@ class QZoomEngine:
                     continue
                 hit = self.cache.get(self._key("vision", st), device=self.device)
                 if hit is not None:
-                    st.image_features = hit["features"].to(self.dtype)
+                    cached = _vision_from_entry(hit, self.dtype)
+                    st.image_features, st.image_deepstack = cached.features, cached.deepstack
                     st.cache_hits.append("vision")
                 else:
                     todo.append(st)
@@ -515,8 +560,8 @@ class QZoomEngine:
                     )
             feats = self.encode_views([st.pixel_values for st in todo], [st.grid_thw for st in todo])
             for st, f in zip(todo, feats, strict=True):
-                st.image_features = f
-                self.cache.put(self._key("vision", st), {"features": f}, self._cache_meta())
+                st.image_features, st.image_deepstack = f.features, f.deepstack
+                self.cache.put(self._key("vision", st), _vision_entry(f), self._cache_meta())
 
     # -- prefill ------------------------------------------------------------------------------------------------
 
@@ -540,6 +585,8 @@ class QZoomEngine:
                 x[ids == self.image_token_id] = st.image_features
                 st.embeds = x
         self.layout(states)
+        for st in states:
+            st.blocks[0].deepstack = list(st.image_deepstack)
 
     def layout(self, states: Sequence[SequenceState]) -> None:
         """Stock M-RoPE positions and the global image block of each prepared prompt: no weights, no pixels
@@ -568,8 +615,9 @@ class QZoomEngine:
             # The prefix (system prompt, user header, image tokens) does not depend on the question: a request on
             # an image seen before reuses its layer<K KV and layer-K states and runs only the question's tokens.
             outputs, kvs = self._run_over_prefix(
-                "below", self.layers[: self.split], states, [st.embeds for st in states], full_outputs=True
-            )
+                "below", self.layers[: self.split], states, [st.embeds for st in states], full_outputs=True,
+                first_layer=0,
+            )  # fmt: skip
             for st, h, kv in zip(states, outputs, kvs, strict=True):
                 st.hidden_k, st.kv_below_k = h, kv
 
@@ -601,6 +649,7 @@ class QZoomEngine:
         *,
         full_outputs: bool = False,
         own_prefix: Sequence[tuple[int, list[KV], Tensor] | None] | None = None,
+        first_layer: int | None = None,
     ) -> tuple[list[Tensor], list[list[KV]]]:
         """Run `layers` over each whole sequence (inputs[i]: (n_i, d)), reusing the KV of its longest cached
         question-independent prefix (`_prefix_spans`) and caching the prefixes it had to compute.
@@ -608,7 +657,8 @@ class QZoomEngine:
         `own_prefix[i]` = (P, KV, outputs) is a prefix the request itself already holds (its layer<K state before a
         zoom), used when the cache has nothing longer. Outputs cover the tokens that were run (the last row is always
         the last token), or every token with `full_outputs` (the prefixes' outputs are then cached too); the returned
-        KV covers every token.
+        KV covers every token. `first_layer`: the index of `layers[0]` among the decoder layers, for the DeepStack
+        additions (None for branch layers, which get none).
         """
         if not layers:
             return list(inputs), [[] for _ in states]
@@ -645,6 +695,7 @@ class QZoomEngine:
             [st.positions[:, p:] for st, p in zip(states, starts, strict=True)],
             pasts,
             keep_cache=True,
+            inject=self._injections(states, starts, first_layer, len(layers)),
         )
         for i, (spans, start, kv) in enumerate(zip(plans, starts, kvs, strict=True)):
             full = torch.cat([reused_out[i].to(outputs[i].dtype), outputs[i]]) if start else outputs[i]
@@ -657,6 +708,13 @@ class QZoomEngine:
             if full_outputs:
                 outputs[i] = full
         return outputs, kvs
+
+    def _injections(
+        self, states: Sequence[SequenceState], starts: Sequence[int], first_layer: int | None, num_layers: int
+    ) -> list[list[Injection]] | None:
+        if first_layer is None:
+            return None
+        return [_deepstack_injections(st, p, first_layer, num_layers) for st, p in zip(states, starts, strict=True)]
 
     def _header(self, st: SequenceState) -> str:
         return str(self.processor.tokenizer.decode(st.input_ids[: st.blocks[0].start].tolist()))
@@ -677,6 +735,7 @@ class QZoomEngine:
                 self.attn_impl,
                 start,
                 [st.positions for st in states],
+                inject=self._injections(states, [0] * len(states), 0, branch_k),
             )
             return out
         out, _ = _run_layers(
@@ -685,6 +744,7 @@ class QZoomEngine:
             self.attn_impl,
             hidden,
             [st.positions for st in states],
+            inject=self._injections(states, [0] * len(states), self.split, branch_k - self.split),
         )
         return out
 
@@ -707,19 +767,37 @@ class QZoomEngine:
 
     def roi_logits(self, states: Sequence[SequenceState]) -> list[list[Tensor]]:
         """Raw SD-RPN logit maps, per sample one (H, W) map for each of its newest image blocks."""
+        return [[m for m, _ in pairs] for pairs in self._rpn_maps(states)]
+
+    def _rpn_maps(self, states: Sequence[SequenceState]) -> list[list[tuple[Tensor, bool | Tensor]]]:
+        """Per sample, per newest image block: the raw SD-RPN (H, W) logit map and its attention-sink mask (the
+        backbone's rule: the corner rule, or the first sequence token's map through the same projections)."""
         if not self.has_rpn:
             raise RuntimeError("this checkpoint has no SD-RPN (enable_twig is false)")
         inputs = self._branch_input(states, self.settings.twig_K)
         if len(self.twig_layers) > 1:
             inputs, _ = self._run_over_prefix("twig", self.twig_layers[:-1], states, inputs, full_outputs=True)
-        maps: list[list[Tensor]] = []
+        bb = self.backbone
+        maps: list[list[tuple[Tensor, bool | Tensor]]] = []
         for st, h in zip(states, inputs, strict=True):
             blocks = st.newest_blocks
             index = torch.cat([torch.arange(b.start, b.end, device=self.device) for b in blocks])
             cos, sin = self.lm.rotary_emb(h[None], st.positions[:, None])
-            flat = roi_logit_map(self.twig_layers[-1], h[None], (cos, sin), [index])[0]
+            args = (self.twig_layers[-1], h[None], (cos, sin), [index])
+            flat = rpn_scores(*args, query_key=bb.rpn_query_key, rope=bb.apply_rope)[0]
+            sizes = [b.num_tokens for b in blocks]
+            first: list[Tensor | None] = [None] * len(blocks)
+            if bb.sink_from_first_token:
+                # Qwen3-VL: the first sequence token's head-0 query on the same keys (QZ:M3:1122-1127).
+                sink = rpn_scores(
+                    *args, query_key=bb.rpn_query_key, rope=bb.apply_rope, query_row=0, query_heads=slice(0, 1)
+                )[0]
+                first = list(sink.split(sizes))
             maps.append(
-                [m.view(*b.grid_hw) for m, b in zip(flat.split([b.num_tokens for b in blocks]), blocks, strict=True)]
+                [
+                    (m.view(*b.grid_hw), bb.sink_mask(None if f is None else f.view(*b.grid_hw)))
+                    for m, f, b in zip(flat.split(sizes), first, blocks, strict=True)
+                ]
             )
         return maps
 
@@ -728,18 +806,18 @@ class QZoomEngine:
         if not states:
             return []
         with self._timed(states, "propose"), torch.inference_mode():
-            all_maps = self.roi_logits(states)
+            all_maps = self._rpn_maps(states)
             proposals = []
             for st, maps in zip(states, all_maps, strict=True):
                 candidates = []
-                for block, logits in zip(st.newest_blocks, maps, strict=True):
+                for block, (logits, sink_mask) in zip(st.newest_blocks, maps, strict=True):
                     grid_boxes, prob = roi.propose_grid_boxes(
                         logits,
                         st.roi_thresh,
                         max_boxes=st.max_boxes,
                         mode=st.box_mode,
                         peak_frac=st.roi_peak_frac,
-                        sink_mask=True,
+                        sink_mask=sink_mask,
                     )
                     candidates.append((float(prob.max()), block, logits, prob, grid_boxes))
                 _, block, logits, prob, grid_boxes = max(candidates, key=lambda c: c[0])
@@ -750,12 +828,12 @@ class QZoomEngine:
 
     def _pixel_box(self, st: SequenceState, block: ImageBlock, grid_box: roi.GridBox) -> roi.PixelBox:
         image_wh = (st.image.width, st.image.height)
+        min_side = self.backbone.min_box_side
         if block.step == 0:
-            return roi.grid_box_to_pixels(
-                grid_box, block.grid_hw, image_wh, min_side=MIN_BOX_SIDE, margin=st.options.margin
-            )
+            margin = st.options.margin
+            return roi.grid_box_to_pixels(grid_box, block.grid_hw, image_wh, min_side=min_side, margin=margin)
         return roi.sub_box_to_pixels(
-            grid_box, block.grid_hw, block.box, image_wh, min_side=MIN_BOX_SIDE, margin=st.options.margin
+            grid_box, block.grid_hw, block.box, image_wh, min_side=min_side, margin=st.options.margin
         )
 
     # -- zoom -----------------------------------------------------------------------------------------------------
@@ -789,7 +867,7 @@ class QZoomEngine:
             states = [st for st, _ in work]
             outputs, kvs = self._run_over_prefix(
                 "below", self.layers[: self.split], states, [st.embeds for st in states], full_outputs=True,
-                own_prefix=own,
+                own_prefix=own, first_layer=0,
             )  # fmt: skip
             for st, h, kv in zip(states, outputs, kvs, strict=True):
                 st.hidden_k, st.kv_below_k = h, kv
@@ -800,7 +878,7 @@ class QZoomEngine:
         work = list(zip(states, proposals, strict=True))
         with torch.inference_mode():
             # Crop features: from the cache when this region of this image was zoomed before, else one ViT call.
-            crop_feats: list[Tensor | None] = []
+            crop_feats: list[VisionOutput | None] = []
             crop_grids: list[Tensor] = []
             misses: list[tuple[int, str, Tensor]] = []
             for st, p in work:
@@ -808,19 +886,19 @@ class QZoomEngine:
                     key = self._key("crop", st, box=box.as_list())
                     hit = self.cache.get(key, device=self.device)
                     if hit is not None:
-                        crop_feats.append(hit["features"].to(self.dtype))
+                        crop_feats.append(_vision_from_entry(hit, self.dtype))
                         crop_grids.append(hit["grid_thw"].cpu())
                         st.cache_hits.append("crop")
                         continue
                     crop = st.image.crop((box.x0, box.y0, box.x1, box.y1))
-                    pixels, grid = self._preprocess(crop, st.min_pixels, st.max_pixels)
+                    pixels, grid = self._preprocess(crop, st.min_pixels, st.max_pixels, "crop")
                     misses.append((len(crop_feats), key, pixels))
                     crop_feats.append(None)
                     crop_grids.append(grid)
             computed = self.encode_views([m[2] for m in misses], [crop_grids[m[0]] for m in misses])
             for (index, key, _), f in zip(misses, computed, strict=True):
                 crop_feats[index] = f
-                self.cache.put(key, {"features": f, "grid_thw": crop_grids[index]}, self._cache_meta())
+                self.cache.put(key, _vision_entry(f, crop_grids[index]), self._cache_meta())
             feats = iter(crop_feats)
             grids = iter(crop_grids)
             kept = []
@@ -839,7 +917,9 @@ class QZoomEngine:
         boxes = [self._pixel_box(st, block, gb) for gb in grid_boxes]
         return Proposal(block, torch.empty(0), torch.empty(0), list(grid_boxes), boxes)
 
-    def splice(self, st: SequenceState, proposal: Proposal, roi_views: list[tuple[Tensor, Tensor]]) -> int:
+    def splice(
+        self, st: SequenceState, proposal: Proposal, roi_views: Sequence[tuple[VisionOutput | Tensor, Tensor]]
+    ) -> int:
         """Insert one RoI block per box after the newest image's <|vision_end|>; update ids, embeddings, positions
         and blocks. Returns P, the number of leading tokens whose layer<K cache stays valid (spec §4.1, §4.3)."""
         merge = self.model.config.vision_config.spatial_merge_size
@@ -857,7 +937,8 @@ class QZoomEngine:
         last = float(st.positions[0, insert_at - 1])  # E: position of the newest <|vision_end|> (t == h == w)
         new_blocks = []
         cursor = insert_at
-        for grid_box, box, (feat, grid_thw) in zip(proposal.grid_boxes, proposal.boxes, roi_views, strict=True):
+        for grid_box, box, (view, grid_thw) in zip(proposal.grid_boxes, proposal.boxes, roi_views, strict=True):
+            feat = view if isinstance(view, VisionOutput) else VisionOutput(view, [])  # bare features: no DeepStack
             h_r, w_r = int(grid_thw[1]) // merge, int(grid_thw[2]) // merge
             n = h_r * w_r
             parent = proposal.block
@@ -881,9 +962,9 @@ class QZoomEngine:
                     [self.vision_start_id] + [self.image_token_id] * n + [self.vision_end_id], dtype=torch.long
                 )
             )
-            emb_parts += [vs, feat.to(self.dtype), ve]
+            emb_parts += [vs, feat.features.to(self.dtype), ve]
             pos_parts += [start_pos, block_pos, end_pos]
-            new_blocks.append(ImageBlock(cursor + 1, (h_r, w_r), box, step, rows, cols))
+            new_blocks.append(ImageBlock(cursor + 1, (h_r, w_r), box, step, rows, cols, deepstack=feat.deepstack))
             cursor += n + 2
             last = last + 2 + extent
 
@@ -919,7 +1000,7 @@ class QZoomEngine:
             return
         with self._timed(states, "finish"), torch.inference_mode():
             outputs, kvs = self._run_over_prefix(
-                "above", self.layers[self.split :], states, [st.hidden_k for st in states]
+                "above", self.layers[self.split :], states, [st.hidden_k for st in states], first_layer=self.split
             )
             for st, h, kv in zip(states, outputs, kvs, strict=True):
                 st.kv_all = list(st.kv_below_k) + kv
@@ -1080,7 +1161,8 @@ class QZoomEngine:
                         nxt += len(tok)
                         cursor += len(tok)
                         continue
-                    feat, grid_thw = self._image_piece_features(st, part)
+                    vision, grid_thw = self._image_piece_features(st, part)
+                    feat = vision.features
                     h, w = int(grid_thw[1]) // merge, int(grid_thw[2]) // merge
                     ids.append(
                         torch.tensor([self.vision_start_id] + [self.image_token_id] * (h * w) + [self.vision_end_id])
@@ -1102,13 +1184,18 @@ class QZoomEngine:
                     ]
                     step = max((b.step for b in st.blocks), default=0) + 1
                     box = part.box or roi.PixelBox(0, 0, part.image.width, part.image.height)
-                    st.blocks.append(ImageBlock(cursor + 1, (h, w), box, step, rows, cols, before_question=False))
+                    st.blocks.append(
+                        ImageBlock(
+                            cursor + 1, (h, w), box, step, rows, cols, before_question=False, deepstack=vision.deepstack
+                        )
+                    )
                     nxt = end + 1
                     cursor += h * w + 2
                 st.input_ids = torch.cat([st.input_ids, *ids])
                 new_embeds.append(torch.cat(embs))
                 new_pos.append(torch.cat(pos, dim=1))
             tapped: list[Tensor] = []
+            starts = [int(st.input_ids.numel()) - e.shape[0] for st, e in zip(states, new_embeds, strict=True)]
             outputs, kvs = _run_layers(
                 self.layers,
                 self.lm.rotary_emb,
@@ -1119,6 +1206,7 @@ class QZoomEngine:
                 keep_cache=True,
                 tap=self.split,
                 tapped=tapped,
+                inject=self._injections(states, starts, 0, len(self.layers)),
             )
             for st, h_out, kv, emb, pos_, h_k in zip(states, outputs, kvs, new_embeds, new_pos, tapped, strict=True):
                 st.kv_all = kv
@@ -1127,7 +1215,7 @@ class QZoomEngine:
                 st.positions = torch.cat([st.positions, pos_], dim=1)
                 st.next_logits = self.model.lm_head(self.lm.norm(h_out[-1:]))[0].float()
 
-    def _image_piece_features(self, st: SequenceState, piece: ImagePiece) -> tuple[Tensor, Tensor]:
+    def _image_piece_features(self, st: SequenceState, piece: ImagePiece) -> tuple[VisionOutput, Tensor]:
         """Features of an appended image: a crop of the request's image is cached under its box."""
         if piece.box is not None:
             key = self._key("crop", st, box=piece.box.as_list())
@@ -1136,10 +1224,10 @@ class QZoomEngine:
         hit = self.cache.get(key, device=self.device)
         if hit is not None:
             st.cache_hits.append("crop" if piece.box is not None else "vision")
-            return hit["features"].to(self.dtype), hit["grid_thw"].cpu()
-        pixels, grid = self._preprocess(piece.image, st.min_pixels, st.max_pixels)
+            return _vision_from_entry(hit, self.dtype), hit["grid_thw"].cpu()
+        pixels, grid = self._preprocess(piece.image, st.min_pixels, st.max_pixels, "global")
         (feat,) = self.encode_views([pixels], [grid])
-        self.cache.put(key, {"features": feat, "grid_thw": grid}, self._cache_meta())
+        self.cache.put(key, _vision_entry(feat, grid), self._cache_meta())
         return feat, grid
 
     # -- helpers --------------------------------------------------------------------------------------------------

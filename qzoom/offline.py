@@ -9,6 +9,9 @@ anyway (spec/offline_stack.md §1):
 - `build_processor()`: the stock `Qwen2_5_VLProcessor` around the PIL image processor, with the video processor made
   optional (the stock class refuses `video_processor=None` without torchvision).
 - `tiny_qwen25vl_config()`: a few-layer Qwen2.5-VL config for tests and the demo model.
+- The same for Qwen3-VL: `build_qwen3vl_processor()` (16-px patches, mean/std 0.5, the chat template without a
+  default system prompt, as Qwen3-VL's own), `load_qwen3vl_processor()`, `tiny_qwen3vl_config()` (interleaved M-RoPE,
+  q/k norms, one DeepStack level).
 - `save_processor()` / `load_processor()`: the processor's own `save_pretrained` fails without a video processor, so
   the parts are saved and reloaded separately; a directory written here is an ordinary HF model directory.
 
@@ -25,7 +28,7 @@ from typing import Any
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-from transformers import Qwen2_5_VLConfig, Qwen2_5_VLProcessor, Qwen2Tokenizer
+from transformers import Qwen2_5_VLConfig, Qwen2_5_VLProcessor, Qwen2Tokenizer, Qwen3VLConfig, Qwen3VLProcessor
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
 # The Qwen2-VL / Qwen2.5-VL chat template, verbatim from the released models (three parts, so that the demo model's
@@ -117,6 +120,10 @@ class OfflineQwen2_5_VLProcessor(_OptionalVideoProcessor, Qwen2_5_VLProcessor):
     """The stock Qwen2.5-VL processor, images only."""
 
 
+class OfflineQwen3VLProcessor(_OptionalVideoProcessor, Qwen3VLProcessor):
+    """The stock Qwen3-VL processor, images only."""
+
+
 def build_image_processor(min_pixels: int = 256 * 28 * 28, max_pixels: int = 576 * 28 * 28) -> Qwen2VLImageProcessorPil:
     """The Qwen2.5-VL image processor on the PIL backend; `min_pixels`/`max_pixels` are the default pixel budget."""
     return Qwen2VLImageProcessorPil(
@@ -143,7 +150,53 @@ def build_processor(
     )
 
 
-def save_processor(processor: Qwen2_5_VLProcessor, directory: str | Path) -> None:
+# Qwen3-VL image preprocessing constants (16 px patches, 2x2 merge -> 32 px per LLM token, mean = std = 0.5).
+QWEN3_PATCH = 16
+QWEN3_MERGE = 2
+QWEN3_IMAGE_MEAN = [0.5, 0.5, 0.5]
+QWEN3_IMAGE_STD = [0.5, 0.5, 0.5]
+
+
+def build_qwen3vl_image_processor(
+    min_pixels: int = 256 * 32 * 32, max_pixels: int = 576 * 32 * 32
+) -> Qwen2VLImageProcessorPil:
+    """The Qwen3-VL image processor on the PIL backend (Qwen3-VL reuses the Qwen2-VL image processor class)."""
+    return Qwen2VLImageProcessorPil(
+        patch_size=QWEN3_PATCH,
+        merge_size=QWEN3_MERGE,
+        temporal_patch_size=2,
+        image_mean=QWEN3_IMAGE_MEAN,
+        image_std=QWEN3_IMAGE_STD,
+        size={"shortest_edge": min_pixels, "longest_edge": max_pixels},
+    )
+
+
+def build_qwen3vl_processor(
+    tokenizer: Qwen2Tokenizer | None = None, min_pixels: int = 256 * 32 * 32, max_pixels: int = 576 * 32 * 32
+) -> OfflineQwen3VLProcessor:
+    """A Qwen3-VL processor from the byte tokenizer (or `tokenizer`) and the PIL image processor. Qwen3-VL's own
+    template has no default system prompt, so the byte tokenizer's gets none either."""
+    tok = tokenizer
+    if tok is None:
+        tok = build_tokenizer()
+        tok.chat_template = NO_DEFAULT_SYSTEM_CHAT_TEMPLATE
+    return OfflineQwen3VLProcessor(
+        image_processor=build_qwen3vl_image_processor(min_pixels, max_pixels),
+        tokenizer=tok,
+        chat_template=tok.chat_template or NO_DEFAULT_SYSTEM_CHAT_TEMPLATE,
+    )
+
+
+def load_qwen3vl_processor(directory: str | Path) -> OfflineQwen3VLProcessor:
+    """Load the processor of a Qwen3-VL model directory: ours, a stock one, or a released Q-Zoom one."""
+    tok = Qwen2Tokenizer.from_pretrained(str(directory))
+    if not tok.chat_template:
+        tok.chat_template = NO_DEFAULT_SYSTEM_CHAT_TEMPLATE
+    image_processor = Qwen2VLImageProcessorPil.from_pretrained(str(directory))
+    return OfflineQwen3VLProcessor(image_processor=image_processor, tokenizer=tok, chat_template=tok.chat_template)
+
+
+def save_processor(processor: Qwen2_5_VLProcessor | Qwen3VLProcessor, directory: str | Path) -> None:
     """Write the tokenizer and image-processor files of `processor` into `directory` (an HF model directory)."""
     processor.tokenizer.save_pretrained(str(directory))
     processor.image_processor.save_pretrained(str(directory))
@@ -221,5 +274,65 @@ def tiny_qwen25vl_config(
     config = Qwen2_5_VLConfig(
         text_config=text, vision_config=vision, tie_word_embeddings=False, **vision_token_ids(tok)
     )
+    config._attn_implementation = "sdpa"
+    return config
+
+
+def tiny_qwen3vl_config(
+    tokenizer: Qwen2Tokenizer | None = None,
+    *,
+    hidden_size: int = 64,
+    num_hidden_layers: int = 4,
+    num_attention_heads: int = 4,
+    num_key_value_heads: int = 2,
+    intermediate_size: int | None = None,
+    vision_hidden_size: int = 32,
+    vision_depth: int = 2,
+    vision_heads: int = 2,
+    vocab_size: int | None = None,
+    deepstack_levels: int = 1,
+) -> Qwen3VLConfig:
+    """A small Qwen3-VL config with the real architecture: interleaved M-RoPE, per-head q/k norms, GQA, a ViT with
+    learned position embeddings and `deepstack_levels` DeepStack mergers (from the first vision blocks; their
+    features are added after decoder layers 0..levels-1)."""
+    tok = tokenizer if tokenizer is not None else build_tokenizer()
+    head_dim = hidden_size // num_attention_heads
+    half = head_dim // 2
+    # The real 4B splits 64 frequencies [24, 20, 20]; keep that proportion (interleaved: h and w take every third).
+    h_sec = w_sec = (half * 5) // 16
+    mrope_section = [half - h_sec - w_sec, h_sec, w_sec]
+    text = {
+        "vocab_size": vocab_size or len(tok),
+        "hidden_size": hidden_size,
+        "intermediate_size": intermediate_size or hidden_size * 2,
+        "num_hidden_layers": num_hidden_layers,
+        "num_attention_heads": num_attention_heads,
+        "num_key_value_heads": num_key_value_heads,
+        "head_dim": head_dim,
+        "max_position_embeddings": 32768,
+        "bos_token_id": None,
+        "eos_token_id": tok.convert_tokens_to_ids("<|im_end|>"),
+        "pad_token_id": tok.convert_tokens_to_ids("<|endoftext|>"),
+        "rope_parameters": {
+            "rope_type": "default",
+            "rope_theta": 5e6,
+            "mrope_section": mrope_section,
+            "mrope_interleaved": True,
+        },
+        "tie_word_embeddings": False,
+    }
+    vision = {
+        "depth": vision_depth,
+        "hidden_size": vision_hidden_size,
+        "intermediate_size": vision_hidden_size * 2,
+        "num_heads": vision_heads,
+        "out_hidden_size": hidden_size,
+        "patch_size": QWEN3_PATCH,
+        "spatial_merge_size": QWEN3_MERGE,
+        "temporal_patch_size": 2,
+        "num_position_embeddings": 2304,
+        "deepstack_visual_indexes": list(range(deepstack_levels)),
+    }
+    config = Qwen3VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=False, **vision_token_ids(tok))
     config._attn_implementation = "sdpa"
     return config

@@ -28,8 +28,9 @@ from tqdm import tqdm
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
 
 from qzoom import roi
+from qzoom.backbones.qwen2_5_vl import BACKBONE as QWEN2_5_VL
 from qzoom.demo.model import BaseRecipe
-from qzoom.engine import MIN_BOX_SIDE, ImageBlock, Proposal, QZoomEngine, SequenceState
+from qzoom.engine import ImageBlock, Proposal, QZoomEngine, SequenceState
 from qzoom.evals.synthetic import (
     ANSWER_VOCAB,
     CODE_ALPHABET,
@@ -55,6 +56,8 @@ from qzoom.evals.synthetic import (
     render_plate,
 )
 from qzoom.schemas import AskOptions
+
+MIN_BOX_SIDE = QWEN2_5_VL.min_box_side  # the demo model is a Qwen2.5-VL: crops at least one 28-px token wide
 
 View = Literal["crop", "coarse", "fused"]
 

@@ -46,12 +46,13 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from qzoom.backbones import backbone_of
 from qzoom.cache import image_digest
 from qzoom.checkpoint import load_model, save_checkpoint
 from qzoom.engine import QZoomEngine, SequenceState
 from qzoom.images import load_image
 from qzoom.modeling import QZoomQwen2_5_VLForConditionalGeneration
-from qzoom.offline import OfflineQwen2_5_VLProcessor, load_processor
+from qzoom.offline import OfflineQwen2_5_VLProcessor
 from qzoom.schemas import AskOptions
 
 Box = tuple[int, int, int, int]
@@ -330,7 +331,7 @@ def load_frozen(
         torch.backends.cuda.matmul.allow_tf32 = True
     model = load_model(directory, device=device, dtype=dtype)
     model.requires_grad_(False)
-    return model, load_processor(directory)
+    return model, backbone_of(model).load_processor(directory)
 
 
 def make_engine(model: QZoomQwen2_5_VLForConditionalGeneration, processor: OfflineQwen2_5_VLProcessor) -> QZoomEngine:

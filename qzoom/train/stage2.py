@@ -118,8 +118,7 @@ def hf_chat_generate(
         text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"].to(model.device)
         with torch.inference_mode():
-            # transformers types generate()'s self as GenerativePreTrainedModel, which the VL class is at runtime
-            out = model.generate(input_ids=ids, max_new_tokens=max_new_tokens, do_sample=False)  # type: ignore[misc]
+            out = model.generate(input_ids=ids, max_new_tokens=max_new_tokens, do_sample=False)
         return str(tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True))
 
     return generate
