@@ -36,7 +36,7 @@ from typing import Any, Literal
 import torch
 
 from qzoom import roi
-from qzoom.engine import DEFAULT_MIN_PIXELS, QZoomEngine, SequenceState
+from qzoom.engine import QZoomEngine, SequenceState
 from qzoom.evals.benchmarks import Benchmark, Sample
 from qzoom.schemas import PIXELS_PER_TOKEN, AskOptions
 
@@ -212,7 +212,7 @@ def run_batch(
     from qzoom.agent.zoom import run
 
     opts = config.options(bench.max_new_tokens)
-    low = engine.settings.min_pixels or DEFAULT_MIN_PIXELS
+    low = engine.settings.min_pixels or engine.backbone.min_pixels
     if opts.min_pixels is None and opts.max_pixels is not None and low > opts.max_pixels:
         opts = opts.model_copy(update={"min_pixels": opts.max_pixels})  # the checkpoint's floor, capped by the budget
     states = [engine.new_state(s.image(), s.prompt, opts) for s in samples]
