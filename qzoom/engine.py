@@ -40,7 +40,7 @@ from PIL import Image
 from torch import nn
 
 from qzoom import roi
-from qzoom.backbones import Backbone, View, VisionOutput, backbone_of
+from qzoom.backbones import Backbone, VisionOutput, backbone_of
 from qzoom.cache import FeatureCache, feature_key, image_digest, pack_prefix, unpack_prefix
 from qzoom.checkpoint import load_model, model_fingerprint
 from qzoom.modeling import QZoomSettings, gate_probability, rpn_scores
@@ -477,15 +477,18 @@ class QZoomEngine:
             sampler=Sampler(opts.temperature, opts.top_p or 1.0, opts.seed) if opts.temperature else None,
         )
 
-    def _preprocess(
-        self, image: Image.Image, min_pixels: int, max_pixels: int, view: View = "global"
-    ) -> tuple[Tensor, Tensor]:
-        """Pixel values (patches, dim) and patch grid (3,) of one view (a whole image or a crop) at the pixel budget,
-        as the backbone's official evaluation preprocesses it."""
-        return self.backbone.preprocess(image, self.processor.image_processor, min_pixels, max_pixels, view)
+    def _preprocess(self, image: Image.Image, min_pixels: int, max_pixels: int) -> tuple[Tensor, Tensor]:
+        """Pixel values (patches, dim) and patch grid (3,) of a crop at the pixel budget, resized by the processor's
+        own (fast-processor) path, as the official code treats the RoI crop on every backbone."""
+        return self.backbone.preprocess(image, self.processor.image_processor, min_pixels, max_pixels, "crop")
+
+    def _preprocess_global(self, image: Image.Image, min_pixels: int, max_pixels: int) -> tuple[Tensor, Tensor]:
+        """The same for a whole image, as the backbone's official evaluation prepares it (equal to `_preprocess` on
+        Qwen2.5-VL; Qwen3-VL resizes with qwen-vl-utils' PIL bicubic first)."""
+        return self.backbone.preprocess(image, self.processor.image_processor, min_pixels, max_pixels, "global")
 
     def _grid(self, image: Image.Image, min_pixels: int, max_pixels: int) -> Tensor:
-        """The patch grid (3,) `_preprocess` would produce, from the image size alone (no resize, no pixels)."""
+        """The patch grid (3,) `_preprocess_global` gives, from the image size alone (no resize, no pixels)."""
         return self.backbone.grid(image, self.processor.image_processor, min_pixels, max_pixels)
 
     def prompt_text(self, query: str, system_prompt: str | None = None) -> str:
@@ -553,7 +556,7 @@ class QZoomEngine:
                 else:
                     todo.append(st)
             for st in todo:
-                st.pixel_values, grid = self._preprocess(st.image, st.min_pixels, st.max_pixels)
+                st.pixel_values, grid = self._preprocess_global(st.image, st.min_pixels, st.max_pixels)
                 if not torch.equal(grid, st.grid_thw):
                     raise RuntimeError(
                         f"the processor sized the view {grid.tolist()}, prepare() {st.grid_thw.tolist()}"
@@ -891,7 +894,7 @@ class QZoomEngine:
                         st.cache_hits.append("crop")
                         continue
                     crop = st.image.crop((box.x0, box.y0, box.x1, box.y1))
-                    pixels, grid = self._preprocess(crop, st.min_pixels, st.max_pixels, "crop")
+                    pixels, grid = self._preprocess(crop, st.min_pixels, st.max_pixels)
                     misses.append((len(crop_feats), key, pixels))
                     crop_feats.append(None)
                     crop_grids.append(grid)
@@ -1225,7 +1228,7 @@ class QZoomEngine:
         if hit is not None:
             st.cache_hits.append("crop" if piece.box is not None else "vision")
             return _vision_from_entry(hit, self.dtype), hit["grid_thw"].cpu()
-        pixels, grid = self._preprocess(piece.image, st.min_pixels, st.max_pixels, "global")
+        pixels, grid = self._preprocess_global(piece.image, st.min_pixels, st.max_pixels)
         (feat,) = self.encode_views([pixels], [grid])
         self.cache.put(key, _vision_entry(feat, grid), self._cache_meta())
         return feat, grid

@@ -95,7 +95,7 @@ def full_recompute_logits(model, st: SequenceState) -> torch.Tensor:
 
 def stock_generate(model, engine: QZoomEngine, st: SequenceState, max_new_tokens: int) -> tuple[torch.Tensor, list]:
     """Stock forward + `generate` on the engine's prompt ids and pixels (the preprocessing is tested elsewhere)."""
-    pixels, grid = engine._preprocess(st.image, st.min_pixels, st.max_pixels)
+    pixels, grid = engine._preprocess_global(st.image, st.min_pixels, st.max_pixels)
     prompt = st.input_ids[None]  # a state that did not zoom holds exactly the prompt
     inputs = {
         "input_ids": prompt,
