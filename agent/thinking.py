@@ -35,7 +35,7 @@ from PIL import Image
 from qzoom.engine import ImagePiece, Proposal, SequenceState
 from qzoom.roi import PixelBox
 from qzoom.schemas import AskOptions
-from qzoom.tools.frames import clamp_box
+from qzoom.tools.frames import BoxOutsideImage, check_inside, clamp_box
 from qzoom.tools.parsers import PROFILES, CropReturn, ModelProfile, ZoomCall, ZoomCallError, parse_zoom_calls
 from qzoom.worker import Worker
 
@@ -177,14 +177,22 @@ async def think(state: ThinkingState, runtime: Runtime[ThinkingContext]) -> dict
 
 
 def _resolve(ctx: ThinkingContext, call: ZoomCall) -> list[PixelBox]:
-    """The call's boxes in pixels of the ORIGINAL image: through the named image's frame and crop offset."""
+    """The call's boxes in pixels of the ORIGINAL image: through the named image's frame and crop offset.
+
+    A box with no pixel inside the image it names raises `ZoomCallError` naming that image's size (shown to the
+    model, like a malformed call) instead of clamping to a corner crop nobody asked for."""
     index = call.image_index if 0 <= call.image_index < len(ctx.images) else 0
     if not ctx.profile.image_index_counts_tool_images:
         index = 0  # Qwen3-VL's img_idx counts the user's images only: here, the one original
     base = ctx.images[index]
     origin = base.box or PixelBox(0, 0, ctx.seq.image.width, ctx.seq.image.height)
+    named_wh = (origin.width, origin.height)
     boxes = []
-    for x0, y0, x1, y1 in call.original_boxes((origin.width, origin.height)):
+    for written, (x0, y0, x1, y1) in zip(call.boxes, call.original_boxes(named_wh), strict=True):
+        try:
+            check_inside((x0, y0, x1, y1), named_wh, shown=f"{list(written)} ({call.frame.description})")
+        except BoxOutsideImage as err:
+            raise ZoomCallError(str(err), call.raw, call.model_profile) from None
         clamped = clamp_box(
             (origin.x0 + x0, origin.y0 + y0, origin.x0 + x1, origin.y0 + y1),
             (ctx.seq.image.width, ctx.seq.image.height),
@@ -199,17 +207,21 @@ async def act(state: ThinkingState, runtime: Runtime[ThinkingContext]) -> dict[s
     """Execute the turn's zoom calls against the original image and append the tool turn with the crops."""
     ctx = runtime.context
     record = ctx.turns[-1]
+    boxes: list[PixelBox] = []
+    if record.error is None:
+        try:
+            for call in ctx.pending_calls:
+                if call is not None and ctx.box_source == "model":
+                    boxes += _resolve(ctx, call)
+                    continue
+                proposal: Proposal = await ctx.worker.call("propose", ctx.seq)
+                boxes += proposal.boxes[:1] or [proposal.block.box]  # nothing above τ_roi: the newest image itself
+        except ZoomCallError as err:  # a box outside the image it names
+            record.error = str(err)
     if record.error is not None:
-        # A malformed call: the model sees the problem and the accepted form, and may try again.
+        # A malformed or unusable call: the model sees the problem and the accepted form, and may try again.
         parts: list[Any] = [f"<|im_start|>user\n{record.error}<|im_end|>\n<|im_start|>assistant\n"]
     else:
-        boxes: list[PixelBox] = []
-        for call in ctx.pending_calls:
-            if call is not None and ctx.box_source == "model":
-                boxes += _resolve(ctx, call)
-                continue
-            proposal: Proposal = await ctx.worker.call("propose", ctx.seq)
-            boxes += proposal.boxes[:1] or [proposal.block.box]  # nothing above τ_roi: the newest image itself
         crops = [ImagePiece(ctx.seq.image.crop((b.x0, b.y0, b.x1, b.y1)), b) for b in boxes]
         record.boxes = [b.as_list() for b in boxes]
         parts = tool_turn(ctx.profile, crops, ctx.question, first_observation=len(ctx.images))

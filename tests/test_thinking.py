@@ -113,6 +113,15 @@ def test_malformed_call_is_answered_with_the_accepted_form_and_the_model_retries
     assert res.zooms == [[100, 80, 300, 240]] and res.answer == "K7X"
 
 
+def test_box_outside_the_named_image_is_refused_naming_its_size_and_the_model_retries(engine):
+    outside = call("deepeyes", [5000, 5000, 6000, 6000])  # the image is 640x480: no pixel in common
+    good = call("deepeyes", [100, 80, 300, 240])
+    res = run_loop(engine, "deepeyes", scripted(outside, good))
+    assert res.turns[0].error is not None and "640x480" in res.turns[0].error
+    assert "outside the image" in res.conversation  # shown to the model, not clamped to a corner crop
+    assert res.zooms == [[100, 80, 300, 240]] and res.answer == "K7X"
+
+
 def test_call_without_a_box_and_auto_mode_take_the_sd_rpn_box(engine):
     boxless = '<tool_call>{"name": "image_zoom_in_tool", "arguments": {"label": "the red box"}}</tool_call>'
     res = run_loop(engine, "deepeyes", scripted(boxless, "<answer>x</answer>"), options=AskOptions(
