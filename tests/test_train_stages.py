@@ -112,6 +112,11 @@ def test_answer_attention_equals_hf_generate_attentions(processor, items):
     inputs = processor(
         text=[engine.prompt_text(item.question)], images=[padded_to_aspect(item.image)], return_tensors="pt"
     )
+    # The processor here is the PIL backend; qzoom preprocesses as the official fast processor does (a Pillow resize
+    # moves some values by one grey level), so the stock model gets qzoom's pixel values for the same grid.
+    pixels, grid = engine._preprocess_global(padded_to_aspect(item.image), MIN_PIXELS, MAX_PIXELS)
+    assert torch.equal(grid, inputs["image_grid_thw"][0])
+    inputs["pixel_values"] = pixels
     with torch.inference_mode():
         out = model.generate(
             **inputs, max_new_tokens=4, do_sample=False, output_attentions=True, return_dict_in_generate=True
