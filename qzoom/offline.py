@@ -222,6 +222,31 @@ def vision_token_ids(tokenizer: Qwen2Tokenizer) -> dict[str, Any]:
     }
 
 
+def _tiny_text_config(
+    tok: Qwen2Tokenizer,
+    hidden_size: int,
+    num_hidden_layers: int,
+    num_attention_heads: int,
+    num_key_value_heads: int,
+    intermediate_size: int | None,
+    vocab_size: int | None,
+) -> dict[str, Any]:
+    """The text-decoder fields both tiny backbones share; each adds its own RoPE (and head size)."""
+    return {
+        "vocab_size": vocab_size or len(tok),
+        "hidden_size": hidden_size,
+        "intermediate_size": intermediate_size or hidden_size * 2,
+        "num_hidden_layers": num_hidden_layers,
+        "num_attention_heads": num_attention_heads,
+        "num_key_value_heads": num_key_value_heads,
+        "max_position_embeddings": 32768,
+        "bos_token_id": None,
+        "eos_token_id": tok.convert_tokens_to_ids("<|im_end|>"),
+        "pad_token_id": tok.convert_tokens_to_ids("<|endoftext|>"),
+        "tie_word_embeddings": False,
+    }
+
+
 def tiny_qwen25vl_config(
     tokenizer: Qwen2Tokenizer | None = None,
     *,
@@ -245,20 +270,10 @@ def tiny_qwen25vl_config(
     t_sec = half // 4
     h_sec = (half - t_sec) // 2
     mrope_section = [t_sec, h_sec, half - t_sec - h_sec]
-    text = {
-        "vocab_size": vocab_size or len(tok),
-        "hidden_size": hidden_size,
-        "intermediate_size": intermediate_size or hidden_size * 2,
-        "num_hidden_layers": num_hidden_layers,
-        "num_attention_heads": num_attention_heads,
-        "num_key_value_heads": num_key_value_heads,
-        "max_position_embeddings": 32768,
-        "bos_token_id": None,
-        "eos_token_id": tok.convert_tokens_to_ids("<|im_end|>"),
-        "pad_token_id": tok.convert_tokens_to_ids("<|endoftext|>"),
-        "rope_parameters": {"rope_type": "default", "rope_theta": 1e6, "mrope_section": mrope_section},
-        "tie_word_embeddings": False,
-    }
+    text = _tiny_text_config(
+        tok, hidden_size, num_hidden_layers, num_attention_heads, num_key_value_heads, intermediate_size, vocab_size
+    )
+    text["rope_parameters"] = {"rope_type": "default", "rope_theta": 1e6, "mrope_section": mrope_section}
     vision = {
         "depth": vision_depth,
         "hidden_size": vision_hidden_size,
@@ -301,25 +316,15 @@ def tiny_qwen3vl_config(
     # The real 4B splits 64 frequencies [24, 20, 20]; keep that proportion (interleaved: h and w take every third).
     h_sec = w_sec = (half * 5) // 16
     mrope_section = [half - h_sec - w_sec, h_sec, w_sec]
-    text = {
-        "vocab_size": vocab_size or len(tok),
-        "hidden_size": hidden_size,
-        "intermediate_size": intermediate_size or hidden_size * 2,
-        "num_hidden_layers": num_hidden_layers,
-        "num_attention_heads": num_attention_heads,
-        "num_key_value_heads": num_key_value_heads,
-        "head_dim": head_dim,
-        "max_position_embeddings": 32768,
-        "bos_token_id": None,
-        "eos_token_id": tok.convert_tokens_to_ids("<|im_end|>"),
-        "pad_token_id": tok.convert_tokens_to_ids("<|endoftext|>"),
-        "rope_parameters": {
-            "rope_type": "default",
-            "rope_theta": 5e6,
-            "mrope_section": mrope_section,
-            "mrope_interleaved": True,
-        },
-        "tie_word_embeddings": False,
+    text = _tiny_text_config(
+        tok, hidden_size, num_hidden_layers, num_attention_heads, num_key_value_heads, intermediate_size, vocab_size
+    )
+    text["head_dim"] = head_dim
+    text["rope_parameters"] = {
+        "rope_type": "default",
+        "rope_theta": 5e6,
+        "mrope_section": mrope_section,
+        "mrope_interleaved": True,
     }
     vision = {
         "depth": vision_depth,
